@@ -1,0 +1,196 @@
+"""The ``vae-anomaly`` command line.
+
+Torch is imported only by the commands that train, so the service's install (no torch) can run
+the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.train import Result
+
+DEMO_ROWS = 20_000
+
+
+def home() -> Path:
+    """Where the demo model lives: $VAE_ANOMALY_HOME, else ~/.local/share/vae-anomaly."""
+    env = os.environ.get("VAE_ANOMALY_HOME")
+    return Path(env) if env else Path.home() / ".local" / "share" / "vae-anomaly"
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def summary(r: Result) -> str:
+    m = r.manifest
+    kinds = [f.kind for f in m.features]
+    lines = [
+        f"bundle: {r.path}",
+        f"model: {m.name} version {m.version}",
+        f"records: {m.data.rows} read; {m.data.train_rows} train, {m.data.validation_rows} "
+        f"validation, {m.data.calibration_rows} calibration, {m.data.anomaly_rows} labelled "
+        "anomalies",
+        f"features: {len(kinds)} ({kinds.count('numeric')} numeric, {kinds.count('boolean')} "
+        f"boolean, {kinds.count('categorical')} categorical)",
+        f"epochs: kept {m.metrics['best_epoch']} of {m.metrics['epochs_run']} "
+        f"({m.metrics['train_seconds']:.1f} s); validation loss {m.metrics['validation_loss']:.4f}",
+        f"thresholds for a {m.target_fpr:g} false-positive rate: "
+        + ", ".join(f"{s}={m.thresholds[s].value:.4f}" for s in m.score_types)
+        + f" (default score: {m.default_score})",
+    ]
+    if m.data.anomaly_rows:
+        lines.append(
+            "on labelled anomalies vs calibration normals: "
+            + "; ".join(
+                f"{s} ROC-AUC {m.metrics[f'{s}_roc_auc']:.3f} "
+                f"AP {m.metrics[f'{s}_average_precision']:.3f}"
+                for s in m.score_types
+            )
+        )
+    lines.append(f"onnxruntime vs torch: max relative difference {m.model.max_rel_diff:.1e}")
+    lines.append(f"report: {r.path / 'report.html'}")
+    return "\n".join(lines)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.data import DataError, fingerprint, read_table
+    from training.export import ExportError
+    from training.train import train_bundle
+
+    try:
+        cfg = load_config(
+            a.config,
+            target_fpr=a.target_fpr,
+            default_score=a.score,
+            epochs=a.epochs,
+            seed=a.seed,
+            label_column=a.label_column,
+            name=a.name,
+        )
+        if a.exclude:
+            cfg.exclude = [*cfg.exclude, *a.exclude]
+        df = read_table(a.data)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            r = train_bundle(
+                df,
+                a.out,
+                cfg,
+                source=str(a.data),
+                overwrite=a.overwrite,
+                data_fingerprint=fingerprint(a.data),
+                progress=not a.quiet,
+            )
+    except (DataError, ValueError, FileExistsError, ExportError) as e:
+        return _fail(str(e))
+    del caught  # third-party warnings are not the user's concern
+    for w in r.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(summary(r))
+    return 0
+
+
+def cmd_sample_data(a: argparse.Namespace) -> int:
+    from training.demo_data import generate_payments, labelled
+
+    df = labelled(a.rows, a.anomalies, a.seed) if a.anomalies else generate_payments(a.rows, a.seed)
+    out = Path(a.out)
+    if out.suffix == ".parquet":
+        df.to_parquet(out, index=False)
+    elif out.suffix == ".jsonl":
+        df.to_json(out, orient="records", lines=True)
+    elif out.suffix == ".csv":
+        df.to_csv(out, index=False)
+    else:
+        return _fail(f"{out}: use a .csv, .parquet or .jsonl file name")
+    print(f"wrote {len(df)} records to {out}")
+    return 0
+
+
+def demo_bundle(progress: bool = True) -> Path:
+    """The demo model's bundle, trained on the sample payments the first time it is asked for."""
+    path = home() / "demo" / "payments"
+    if (path / "manifest.json").exists():
+        return path
+    from training.config import TrainConfig
+    from training.demo_data import generate_payments
+    from training.train import train_bundle
+
+    print(f"training the demo model on {DEMO_ROWS} sample payments (once) ...", file=sys.stderr)
+    cfg = TrainConfig(name="demo-payments", exclude=["transaction_id"], epochs=60)
+    r = train_bundle(
+        generate_payments(DEMO_ROWS, seed=0),
+        path,
+        cfg,
+        source="sample-payments",
+        data_fingerprint=f"generate_payments(n={DEMO_ROWS}, seed=0)",
+        progress=progress,
+    )
+    print(summary(r), file=sys.stderr)
+    return path
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    path = demo_bundle(progress=not a.quiet)
+    print(f"demo model bundle: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vae-anomaly", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fit a model on normal records and write a bundle")
+    t.add_argument("data", type=Path, help="CSV, Parquet or JSON Lines file of normal records")
+    t.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+    t.add_argument("--config", type=Path, help="TOML or JSON file of training settings")
+    t.add_argument("--target-fpr", type=float, help="false-positive rate of the alarm (0.01)")
+    t.add_argument("--score", choices=["elbo", "recon", "iwae"], help="default score type")
+    t.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
+    t.add_argument("--seed", type=int, help="random seed (same seed, same model)")
+    t.add_argument("--exclude", nargs="+", metavar="COL", help="columns to ignore (ids, times)")
+    t.add_argument(
+        "--label-column",
+        metavar="COL",
+        help="0/1 column; rows with 1 are kept out of training and used to evaluate",
+    )
+    t.add_argument("--name", help="model name (default: the data file's name)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample-data", help="write sample payment records (the demo data)")
+    s.add_argument("--out", type=Path, required=True, help=".csv, .parquet or .jsonl file")
+    s.add_argument("--rows", type=int, default=10_000, help="normal records")
+    s.add_argument(
+        "--anomalies",
+        type=int,
+        default=0,
+        help="anomalous records to mix in (adds an is_anomaly 0/1 column)",
+    )
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_sample_data)
+
+    d = sub.add_parser("demo", help="train the demo model on sample data if absent")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Reading training data, inferring column types and fitting the feature schema.
+
+Everything here raises :class:`DataError` with a message meant for the person who gave the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from service.bundle import (
+    MISSING_TOKEN,
+    UNKNOWN_TOKEN,
+    BooleanFeature,
+    CategoricalFeature,
+    NumericFeature,
+)
+from training.config import TrainConfig
+
+Feature = NumericFeature | BooleanFeature | CategoricalFeature
+
+MIN_ROWS = 50  # normal rows needed to train, validate and calibrate at all
+TRUE = {"true", "t", "yes", "y"}
+FALSE = {"false", "f", "no", "n"}
+READERS = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+
+
+class DataError(ValueError):
+    """Training data that cannot be used, with the reason."""
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read CSV (with a header), Parquet or JSON Lines, chosen by the file's extension."""
+    p = Path(path)
+    kind = READERS.get(p.suffix.lower())
+    if kind is None:
+        raise DataError(f"{p}: unknown file type {p.suffix!r}; use .csv, .parquet or .jsonl")
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    if p.stat().st_size == 0:
+        raise DataError(f"{p}: the file is empty")
+    with p.open("rb") as f:
+        head = f.read(8192)
+    if kind == "parquet" and not head.startswith(b"PAR1"):
+        raise DataError(f"{p}: not a Parquet file (it does not start with the Parquet magic)")
+    if kind != "parquet" and b"\x00" in head:
+        raise DataError(f"{p}: not a {kind.upper()} text file (it holds binary data)")
+    try:
+        if kind == "csv":
+            df = pd.read_csv(p)
+        elif kind == "parquet":
+            df = pd.read_parquet(p)
+        else:
+            df = pd.read_json(p, lines=True)
+    except Exception as e:  # each reader has its own error types
+        raise DataError(f"{p}: cannot read it as {kind.upper()}: {e}") from e
+    if len(df.columns) == 0 or len(df) == 0:
+        raise DataError(f"{p}: no records in the file")
+    if any(not isinstance(c, str) for c in df.columns):
+        raise DataError(f"{p}: every column needs a name (a header row / JSON keys)")
+    return df
+
+
+def fingerprint(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _bool_values(s: pd.Series, name: str, strict: bool) -> np.ndarray | None:
+    """0/1/NaN floats if the column holds only boolean values, else None (or an error if strict)."""
+    nonnull = s.dropna()
+    if pd.api.types.is_bool_dtype(s.dtype):
+        return np.where(s.isna(), np.nan, s.astype("float64", errors="ignore")).astype(float)
+    if pd.api.types.is_numeric_dtype(s.dtype):
+        ok = nonnull.isin([0, 1]).all()
+        if ok:
+            return s.astype(float).to_numpy()
+    else:
+        low = nonnull.astype(str).str.strip().str.lower()
+        if low.isin(TRUE | FALSE).all():
+            out = np.full(len(s), np.nan)
+            out[s.notna().to_numpy()] = low.isin(TRUE).to_numpy().astype(float)
+            return out
+    if strict:
+        allowed = TRUE | FALSE | {"0", "1", "0.0", "1.0"}
+        bad = nonnull[~nonnull.astype(str).str.strip().str.lower().isin(allowed)]
+        raise DataError(f"column {name!r} is configured boolean but holds {bad.iloc[0]!r}")
+    return None
+
+
+def _category_strings(s: pd.Series) -> np.ndarray:
+    """Categories as strings; integer-valued floats print as integers; missing -> None."""
+
+    def fmt(v: Any) -> str | None:
+        if v is None or (isinstance(v, float) and v != v) or v is pd.NA:
+            return None
+        if isinstance(v, float) and v.is_integer():
+            return str(int(v))
+        return str(v)
+
+    return np.array([fmt(v) for v in s.tolist()], dtype=object)
+
+
+def column_values(s: pd.Series, name: str, kind: str | None) -> tuple[str, np.ndarray]:
+    """Infer (or apply the configured) type of a column; return it with normalized values."""
+    if kind in (None, "boolean"):
+        b = _bool_values(s, name, strict=kind == "boolean")
+        if b is not None:
+            return "boolean", b
+    if kind in (None, "numeric") and (
+        pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype)
+    ):
+        return "numeric", s.astype(float).to_numpy()
+    if kind == "numeric":
+        num = pd.to_numeric(s, errors="coerce")
+        bad = s[num.isna() & s.notna()]
+        if len(bad):
+            raise DataError(f"column {name!r} is configured numeric but holds {bad.iloc[0]!r}")
+        return "numeric", num.astype(float).to_numpy()
+    return "categorical", _category_strings(s)
+
+
+def signed_log(x: np.ndarray) -> np.ndarray:
+    return np.asarray(np.sign(x) * np.log1p(np.abs(x)))
+
+
+def _skew(x: np.ndarray) -> float:
+    sd = x.std()
+    return 0.0 if sd == 0 else float(np.mean(((x - x.mean()) / sd) ** 3))
+
+
+def _robust_scale(t: np.ndarray) -> tuple[float, float]:
+    center = float(np.median(t))
+    q75, q25 = np.percentile(t, [75, 25])
+    scale = float(q75 - q25) / 1.349
+    if scale <= 1e-9 * max(1.0, abs(center)):
+        scale = float(t.std())
+    return center, scale
+
+
+@dataclass
+class Prepared:
+    """Normal records split three ways, anomalies (if labelled), and the fitted feature schema."""
+
+    features: list[Feature]
+    columns: dict[str, np.ndarray]  # feature name -> normalized values of all normal rows
+    anomalies: dict[str, np.ndarray]  # same for labelled anomaly rows (may be empty arrays)
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    calib_idx: np.ndarray
+    warnings: list[str]
+
+    @property
+    def n_anomalies(self) -> int:
+        return len(next(iter(self.anomalies.values()))) if self.anomalies else 0
+
+
+def prepare(df: pd.DataFrame, cfg: TrainConfig) -> Prepared:
+    """Validate the records, split them and fit the feature schema on the training split."""
+    notes: list[str] = []
+    for col in [*cfg.exclude, *([cfg.label_column] if cfg.label_column else [])]:
+        if col not in df.columns:
+            raise DataError(
+                f"column {col!r} (excluded or label) is not in the data; "
+                f"columns are {list(df.columns)}"
+            )
+    for col in cfg.columns:
+        if col not in df.columns:
+            raise DataError(f"config names column {col!r}, which is not in the data")
+    is_anomaly = np.zeros(len(df), dtype=bool)
+    if cfg.label_column:
+        lab = df[cfg.label_column]
+        ok = lab.notna() & lab.astype(str).str.strip().isin(
+            ["0", "1", "0.0", "1.0", "True", "False"]
+        )
+        if not ok.all():
+            bad = lab[~ok].iloc[0]
+            raise DataError(
+                f"label column {cfg.label_column!r} must hold only 0 and 1; "
+                f"found {bad!r} in row {int(np.flatnonzero(~ok.to_numpy())[0])}"
+            )
+        is_anomaly = lab.astype(str).str.strip().isin(["1", "1.0", "True"]).to_numpy()
+    used = [c for c in df.columns if c not in cfg.exclude and c != cfg.label_column]
+    if not used:
+        raise DataError("no feature columns left after exclusions")
+    normal = df.loc[~is_anomaly, used].reset_index(drop=True)
+    anomalous = df.loc[is_anomaly, used].reset_index(drop=True)
+    if len(normal) < MIN_ROWS:
+        raise DataError(
+            f"{len(normal)} normal record(s); at least {MIN_ROWS} are needed to "
+            "train, validate and calibrate"
+        )
+
+    rng = np.random.default_rng(cfg.seed)
+    perm = rng.permutation(len(normal))
+    n_val = max(1, round(cfg.validation_fraction * len(normal)))
+    n_cal = max(1, round(cfg.calibration_fraction * len(normal)))
+    val_idx, calib_idx, train_idx = perm[:n_val], perm[n_val : n_val + n_cal], perm[n_val + n_cal :]
+
+    specs: list[tuple[str, dict[str, Any]]] = []  # (kind, fields) of each kept column
+    columns: dict[str, np.ndarray] = {}
+    anomalies: dict[str, np.ndarray] = {}
+    for name in used:
+        cc = cfg.columns.get(name)
+        kind, values = column_values(normal[name], name, cc.type if cc else None)
+        if kind == "categorical":
+            missing = np.array([v is None for v in values])
+        else:
+            missing = np.isnan(values)
+            if np.isinf(values).any():
+                raise DataError(f"column {name!r} holds an infinite value")
+        if missing.all():
+            raise DataError(
+                f"column {name!r} is missing in every record; exclude it (--exclude {name})"
+            )
+        tr = values[train_idx]
+        tr_missing = missing[train_idx]
+        nullable = bool(missing.any())
+        spec: dict[str, Any] = {"name": name, "nullable": nullable}
+        if kind == "numeric":
+            present = tr[~tr_missing].astype(float)
+            if len(np.unique(present)) <= 1:
+                notes.append(f"column {name!r} is constant; dropped")
+                continue
+            transform = cc.transform if cc and cc.transform else None
+            if transform is None:
+                s_raw, s_log = _skew(present), _skew(signed_log(present))
+                transform = "log" if abs(s_raw) > 1 and abs(s_log) < abs(s_raw) else "none"
+            t = signed_log(present) if transform == "log" else present
+            center, scale = _robust_scale(t)
+            spec.update(
+                transform=transform,
+                center=center,
+                scale=scale,
+                impute=float(np.median(present)),
+                min=float(present.min()),
+                max=float(present.max()),
+            )
+        elif kind == "boolean":
+            present = tr[~tr_missing]
+            rate = float(present.mean())
+            if rate in (0.0, 1.0) and not tr_missing.any():
+                notes.append(f"column {name!r} is constant; dropped")
+                continue
+            spec.update(rate=rate)
+        else:
+            counts = pd.Series(tr[~tr_missing]).value_counts(sort=True)
+            kept = [str(v) for v, c in counts.items() if c >= cfg.min_category_count]
+            kept = kept[: cfg.max_categories]
+            if len(counts) <= 1 and not tr_missing.any():
+                notes.append(f"column {name!r} is constant; dropped")
+                continue
+            if not kept:
+                notes.append(
+                    f"column {name!r}: no value repeats (an id?); dropped — exclude it "
+                    f"with --exclude {name}"
+                )
+                continue
+            if len(counts) > len(kept):
+                folded = int(counts.iloc[len(kept) :].sum())  # counts is sorted, kept a prefix
+                notes.append(
+                    f"column {name!r}: {len(counts) - len(kept)} rare value(s) "
+                    f"({folded} record(s)) map to {UNKNOWN_TOKEN}"
+                )
+            spec.update(categories=[UNKNOWN_TOKEN, MISSING_TOKEN, *kept])
+        specs.append((kind, spec))
+        columns[name] = values
+        if len(anomalous):
+            anomalies[name] = column_values(anomalous[name], name, kind)[1]
+        else:
+            anomalies[name] = values[:0]
+    if not specs:
+        raise DataError("no usable feature columns (all were constant or dropped)")
+    # the schema lists real-valued, then boolean (together: x_num), then categorical (x_cat)
+    features: list[Feature] = []
+    for kind, cls in (
+        ("numeric", NumericFeature),
+        ("boolean", BooleanFeature),
+        ("categorical", CategoricalFeature),
+    ):
+        first = 0 if kind != "boolean" else len(features)
+        features += [
+            cls(column=first + i, **sp) for i, sp in enumerate(sp for k, sp in specs if k == kind)
+        ]
+    return Prepared(
+        features=features,
+        columns=columns,
+        anomalies=anomalies,
+        train_idx=train_idx,
+        val_idx=val_idx,
+        calib_idx=calib_idx,
+        warnings=notes,
+    )

@@ -1,0 +1,313 @@
+"""Fit a VAE on normal records, calibrate its alarm threshold, export one model bundle.
+
+Read top to bottom: prepare the data, fit, export the scoring graph, score the held-out
+calibration slice with onnxruntime (exactly what the service will compute), set thresholds,
+write the bundle atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import platform
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from service.bundle import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SCORE_TYPES,
+    BooleanFeature,
+    CategoricalFeature,
+    DataInfo,
+    Manifest,
+    ModelFile,
+    NumericFeature,
+    ScoreDistribution,
+    ScoreType,
+    Threshold,
+    manifest_json,
+    sha256_file,
+    write_bundle_atomic,
+)
+from service.features import encode_columns
+from service.runtime import OnnxModel
+from training import calibrate, report
+from training.config import TrainConfig
+from training.data import Feature, Prepared, prepare
+from training.export import OPSET, compare, export_onnx, input_names
+from training.model import VAE, Layout, Preprocess, ScoringGraph, kl_normal
+
+EVAL_BATCH = 4096
+
+
+def layout_of(features: list[Feature]) -> Layout:
+    real = [f for f in features if isinstance(f, NumericFeature)]
+    bools = [f for f in features if isinstance(f, BooleanFeature)]
+    cats = [f for f in features if isinstance(f, CategoricalFeature)]
+    return Layout(
+        center=[f.center for f in real],
+        scale=[f.scale for f in real],
+        log=[f.transform == "log" for f in real],
+        bool_rate=[f.rate for f in bools],
+        nullable=[f.nullable for f in real + bools],
+        cat_sizes=[len(f.categories) for f in cats],
+    )
+
+
+def model_sizes(layout: Layout, cfg: TrainConfig) -> tuple[list[int], int]:
+    """Hidden sizes and latent size: the config's, or sized from the number of inputs."""
+    d = layout.in_dim
+    h = int(min(512, max(64, 2 * d)))
+    hidden = cfg.hidden or [h, max(32, h // 2)]
+    latent = cfg.latent or int(min(32, max(2, math.ceil(layout.n_features / 4))))
+    return hidden, latent
+
+
+@dataclass
+class History:
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _take(t: torch.Tensor | None, idx: torch.Tensor | slice) -> torch.Tensor | None:
+    return None if t is None else t[idx]
+
+
+def fit(
+    layout: Layout,
+    x_num: torch.Tensor | None,
+    x_cat: torch.Tensor | None,
+    val: tuple[torch.Tensor | None, torch.Tensor | None],
+    cfg: TrainConfig,
+    progress: bool = True,
+) -> tuple[Preprocess, VAE, History]:
+    """Train by minimizing reconstruction NLL + beta * KL; keep the best validation epoch."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    hidden, latent = model_sizes(layout, cfg)
+    pre, vae = Preprocess(layout), VAE(layout, hidden, latent, cfg.min_std)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = (x_num if x_num is not None else x_cat).shape[0]  # type: ignore[union-attr]
+    n_val = (val[0] if val[0] is not None else val[1]).shape[0]  # type: ignore[union-attr]
+    val_noise = torch.randn(n_val, latent, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    hist, best, best_state, stale = History(), math.inf, copy.deepcopy(vae.state_dict()), 0
+    start = time.perf_counter()
+    bar = tqdm(
+        range(cfg.epochs), desc="training", unit="epoch", disable=not progress, dynamic_ncols=True
+    )
+    for epoch in bar:
+        beta = cfg.beta * min(1.0, (epoch + 1) / max(1, cfg.beta_warmup_epochs))
+        vae.train()
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for sl in _batches(n, cfg.batch_size):
+            idx = perm[sl]
+            xn, xc = _take(x_num, idx), _take(x_cat, idx)
+            enc_in, s, miss = pre(xn, xc)
+            mu, lv = vae.encode(enc_in)
+            z = mu + torch.exp(0.5 * lv) * torch.randn(mu.shape, generator=gen)
+            nll = vae.feature_nll(vae.decoder(z), s, miss, xc).sum(1)
+            loss = (nll + beta * kl_normal(mu, lv)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 10.0)
+            opt.step()
+            total += loss.item() * (sl.stop - sl.start)
+        vae.eval()
+        with torch.no_grad():
+            vloss = 0.0
+            for sl in _batches(n_val, EVAL_BATCH):
+                xn, xc = _take(val[0], sl), _take(val[1], sl)
+                enc_in, s, miss = pre(xn, xc)
+                mu, lv = vae.encode(enc_in)
+                z = mu + torch.exp(0.5 * lv) * val_noise[sl]
+                nll = vae.feature_nll(vae.decoder(z), s, miss, xc).sum(1)
+                vloss += float((nll + kl_normal(mu, lv)).sum())
+        hist.train_loss.append(total / n)
+        hist.val_loss.append(vloss / n_val)
+        bar.set_postfix(train=f"{total / n:.3f}", val=f"{vloss / n_val:.3f}")
+        # the validation loss is always the true negative ELBO (beta = 1); patience starts
+        # counting once the KL warm-up is over
+        if vloss / n_val < best - 1e-4:
+            best, hist.best_epoch, stale = vloss / n_val, epoch, 0
+            best_state = copy.deepcopy(vae.state_dict())
+        elif epoch >= cfg.beta_warmup_epochs:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    bar.close()
+    vae.load_state_dict(best_state)
+    vae.eval()
+    hist.seconds = time.perf_counter() - start
+    return pre, vae, hist
+
+
+def _tensors(inputs: dict[str, np.ndarray]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    xn, xc = inputs.get("x_num"), inputs.get("x_cat")
+    return (
+        None if xn is None else torch.from_numpy(xn),
+        None if xc is None else torch.from_numpy(xc),
+    )
+
+
+def _rows(inputs: dict[str, np.ndarray], idx: np.ndarray | slice) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v[idx]) for k, v in inputs.items()}
+
+
+def score_all(session: OnnxModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n = len(next(iter(inputs.values())))
+    parts = [session.run(_rows(inputs, sl)) for sl in _batches(n, EVAL_BATCH)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
+def new_version() -> str:
+    """Sortable and unique: UTC time to the microsecond, then a random suffix."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
+
+
+@dataclass
+class Result:
+    path: Path
+    manifest: Manifest
+    history: History
+    warnings: list[str]
+
+
+def train_bundle(
+    df: pd.DataFrame,
+    out: str | Path,
+    cfg: TrainConfig,
+    *,
+    source: str,
+    data_fingerprint: str,
+    overwrite: bool = False,
+    progress: bool = True,
+    parent_version: str | None = None,
+) -> Result:
+    """Train on the records of ``df`` and write a bundle at ``out``. Nothing is written on error."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (choose another --out, or --overwrite)")
+    prep: Prepared = prepare(df, cfg)
+    layout = layout_of(prep.features)
+    normal = encode_columns(prep.features, prep.columns).inputs
+    x_num, x_cat = _tensors(_rows(normal, prep.train_idx))
+    val_inputs = _rows(normal, prep.val_idx)
+    pre, vae, hist = fit(layout, x_num, x_cat, _tensors(val_inputs), cfg, progress)
+
+    _, latent = model_sizes(layout, cfg)
+    eps = torch.randn(cfg.samples, latent, generator=torch.Generator().manual_seed(cfg.seed + 2))
+    graph = ScoringGraph(pre, vae, eps, torch.zeros(layout.n_features))
+    # attribution baseline: each feature's median NLL on (a sample of) the training rows
+    with torch.no_grad():
+        sample = _rows(normal, prep.train_idx[:EVAL_BATCH])
+        nll, *_ = graph.per_sample_nll(*_tensors(sample))
+        graph.baseline.copy_(nll.mean(1).median(0).values)
+    graph.eval()
+
+    calib_inputs = _rows(normal, prep.calib_idx)
+    anomaly_inputs = (
+        encode_columns(prep.features, prep.anomalies).inputs if prep.n_anomalies else {}
+    )
+    name = cfg.name or Path(source).stem or "model"
+    version = new_version()
+
+    def fill(tmp: Path) -> None:
+        model_path = tmp / MODEL_FILE
+        export_onnx(graph, val_inputs, model_path)
+        session = OnnxModel(model_path, intra_op_threads=os.cpu_count() or 1)
+        max_abs, max_rel = compare(graph, session, _rows(val_inputs, slice(0, 512)))
+        calib = score_all(session, calib_inputs)
+        anom = score_all(session, anomaly_inputs) if anomaly_inputs else {}
+        thresholds: dict[ScoreType, Threshold] = {}
+        distributions: dict[ScoreType, ScoreDistribution] = {}
+        metrics: dict[str, Any] = {
+            "best_epoch": hist.best_epoch + 1,
+            "epochs_run": len(hist.val_loss),
+            "validation_loss": hist.val_loss[hist.best_epoch],
+            "train_seconds": round(hist.seconds, 3),
+        }
+        for st in SCORE_TYPES:
+            value, method = calibrate.threshold_for_fpr(calib[st], cfg.target_fpr)
+            f1 = None
+            if anom:
+                f1_value, f1_best = calibrate.f1_threshold(calib[st], anom[st])
+                f1 = f1_value
+                metrics[f"{st}_roc_auc"] = calibrate.roc_auc(calib[st], anom[st])
+                metrics[f"{st}_average_precision"] = calibrate.average_precision(
+                    calib[st], anom[st]
+                )
+                metrics[f"{st}_f1_best"] = f1_best
+                metrics[f"{st}_recall_at_threshold"] = float((anom[st] > value).mean())
+            thresholds[st] = Threshold(value=value, method=method, f1=f1)
+            probs, quants = calibrate.distribution(calib[st])
+            distributions[st] = ScoreDistribution(probs=probs, quantiles=quants)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            name=name,
+            version=version,
+            created_at=datetime.now(UTC),
+            parent_version=parent_version,
+            features=prep.features,
+            score_types=list(SCORE_TYPES),
+            default_score=cfg.default_score,
+            target_fpr=cfg.target_fpr,
+            thresholds=thresholds,
+            distributions=distributions,
+            metrics=metrics,
+            config={**cfg.to_dict(), "hidden": model_sizes(layout, cfg)[0], "latent": latent},
+            libraries={
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "numpy": np.__version__,
+            },
+            data=DataInfo(
+                source=Path(source).name,
+                fingerprint=data_fingerprint,
+                rows=len(df),
+                train_rows=len(prep.train_idx),
+                validation_rows=len(prep.val_idx),
+                calibration_rows=len(prep.calib_idx),
+                anomaly_rows=prep.n_anomalies,
+            ),
+            model=ModelFile(
+                sha256=sha256_file(model_path),
+                inputs=input_names(graph),
+                outputs=session.output_names,
+                opset=OPSET,
+                max_abs_diff=max_abs,
+                max_rel_diff=max_rel,
+            ),
+        )
+        (tmp / MANIFEST_FILE).write_text(manifest_json(manifest), encoding="utf-8")
+        report.write(tmp, manifest, hist, calib, anom)
+        result_manifest.append(manifest)
+
+    result_manifest: list[Manifest] = []
+    path = write_bundle_atomic(out, fill, overwrite=overwrite)
+    return Result(path=path, manifest=result_manifest[0], history=hist, warnings=prep.warnings)
