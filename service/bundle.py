@@ -151,6 +151,9 @@ class Manifest(_Strict):
     created_at: datetime
     parent_version: str | None = None
     features: list[Feature] = Field(min_length=1)
+    ignored_columns: list[str] = Field(
+        default_factory=list, description="columns of the training data the model does not use"
+    )
     score_types: list[ScoreType] = Field(min_length=1)
     default_score: ScoreType
     target_fpr: float = Field(gt=0, lt=1)

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import pytest
 
@@ -42,3 +51,74 @@ def trained(train_df: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def bundle_dir(trained: Result) -> Path:
     return trained.path
+
+
+# ---------------------------------------------------------------- a real server in a subprocess
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli_executable(venv_bin: Path | None = None) -> str:
+    """The vae-anomaly entry point beside this interpreter (the venv's), else on PATH."""
+    exe = shutil.which("vae-anomaly", path=str(venv_bin or Path(sys.executable).parent))
+    exe = exe or shutil.which("vae-anomaly")
+    assert exe, "the vae-anomaly entry point is not installed"
+    return exe
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.proc, self.url, self.log = proc, url, log
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def run_server(
+    args: list[str],
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    exe: str | None = None,
+    timeout: float = 120.0,
+) -> Iterator[Server]:
+    """Start `vae-anomaly <args> --port P` on 127.0.0.1, wait until /readyz answers 200, stop it
+    (SIGTERM, then SIGKILL) on exit."""
+    port = free_port()
+    log = tmp / f"server-{port}.log"
+    full_env = {**os.environ, **(env or {})}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [exe or cli_executable(), *args, "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+        )
+    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.logs()}")
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after {timeout} s:\n{server.logs()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()

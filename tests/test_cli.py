@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pandas as pd
 import pytest
 
 from service.bundle import read_bundle
+from tests.conftest import cli_executable
 from training.cli import main
 from training.demo_data import generate_payments
 
@@ -31,11 +30,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 def test_train_command_end_to_end(tmp_path: Path) -> None:
-    # the entry point installed beside this interpreter (the venv's), else on PATH
-    exe = shutil.which("vae-anomaly", path=str(Path(sys.executable).parent)) or shutil.which(
-        "vae-anomaly"
-    )
-    assert exe, "the vae-anomaly entry point is not installed"
+    exe = cli_executable()
     data = tmp_path / "pay.csv"
     r = subprocess.run(
         [exe, "sample-data", "--out", str(data), "--rows", "600"],

@@ -1,7 +1,7 @@
 """The ``vae-anomaly`` command line.
 
 Torch is imported only by the commands that train, so the service's install (no torch) can run
-the rest.
+``serve`` and the rest.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from service.cli import add_commands, add_serve_arguments
 
 if TYPE_CHECKING:
     from training.train import Result
@@ -141,9 +143,20 @@ def demo_bundle(progress: bool = True) -> Path:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    path = demo_bundle(progress=not a.quiet)
-    print(f"demo model bundle: {path}")
-    return 0
+    from service.cli import serve, settings_from_args
+    from service.settings import SettingsError
+
+    try:
+        settings_from_args(a)  # a bad setting stops us before any training
+        path = demo_bundle(progress=not a.quiet)
+        settings = settings_from_args(a, bundle=path)
+    except SettingsError as e:
+        return _fail(str(e))
+    print(
+        f"serving the demo model {path} on http://{settings.host}:{settings.port} (try /docs)",
+        file=sys.stderr,
+    )
+    return serve(settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,15 +194,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_sample_data)
 
-    d = sub.add_parser("demo", help="train the demo model on sample data if absent")
+    d = sub.add_parser("demo", help="serve the demo model (trained on sample data if absent)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_serve_arguments(d)
     d.set_defaults(func=cmd_demo)
+
+    add_commands(sub)
     return p
+
+
+TRAIN_ONLY = {"torch", "pandas", "pyarrow", "onnx", "onnxscript", "tqdm", "matplotlib"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ModuleNotFoundError as e:
+        if e.name not in TRAIN_ONLY:
+            raise
+        return _fail(
+            f"`{args.command}` needs the training install (missing {e.name}): "
+            "pip install 'vae-anomaly[train]'"
+        )
 
 
 if __name__ == "__main__":

@@ -163,6 +163,7 @@ class Prepared:
     val_idx: np.ndarray
     calib_idx: np.ndarray
     warnings: list[str]
+    ignored: list[str]  # columns not used: excluded, the label, dropped
 
     @property
     def n_anomalies(self) -> int:
@@ -304,4 +305,5 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig) -> Prepared:
         val_idx=val_idx,
         calib_idx=calib_idx,
         warnings=notes,
+        ignored=[c for c in map(str, df.columns) if c not in columns],
     )

@@ -272,6 +272,7 @@ def train_bundle(
             created_at=datetime.now(UTC),
             parent_version=parent_version,
             features=prep.features,
+            ignored_columns=prep.ignored,
             score_types=list(SCORE_TYPES),
             default_score=cfg.default_score,
             target_fpr=cfg.target_fpr,

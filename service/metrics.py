@@ -1,0 +1,104 @@
+"""Every Prometheus metric of the service, in one place.
+
+With several workers, set ``PROMETHEUS_MULTIPROC_DIR`` before this module is imported (the
+``serve`` command does): each worker then writes its samples there and ``/metrics`` adds them up.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from service.bundle import Manifest
+
+PREFIX = "vae_anomaly"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 10_000)
+
+HTTP_REQUESTS = Counter(
+    f"{PREFIX}_http_requests_total", "HTTP requests", ["method", "route", "status"]
+)
+HTTP_DURATION = Histogram(
+    f"{PREFIX}_http_request_duration_seconds",
+    "HTTP request duration",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+RECORDS_SCORED = Counter(f"{PREFIX}_records_scored_total", "Records scored")
+ANOMALIES = Counter(f"{PREFIX}_anomalies_total", "Records scored above the threshold")
+INFERENCE_SECONDS = Histogram(
+    f"{PREFIX}_inference_seconds", "onnxruntime time per call", buckets=LATENCY_BUCKETS
+)
+BATCH_SIZE = Histogram(f"{PREFIX}_batch_size", "Records per inference call", buckets=BATCH_BUCKETS)
+INVALID_RECORDS = Counter(
+    f"{PREFIX}_invalid_records_total", "Records rejected, by reason", ["reason"]
+)
+UNKNOWN_CATEGORY = Counter(
+    f"{PREFIX}_unknown_category_total", "Category values never seen in training", ["feature"]
+)
+MODEL_INFO = Gauge(
+    f"{PREFIX}_model_info",
+    "The model being served (1)",
+    ["name", "version", "score_type"],
+    multiprocess_mode="max",
+)
+THRESHOLD = Gauge(
+    f"{PREFIX}_threshold",
+    "Alarm threshold of the default score type",
+    multiprocess_mode="livemostrecent",
+)
+MODEL_RELOADS = Counter(f"{PREFIX}_model_reloads_total", "Model (re)loads", ["result"])
+
+_score: Histogram | None = None
+
+
+def score_buckets(m: Manifest) -> list[float]:
+    """Buckets placed around the threshold: normal-score quantiles below it, multiples above."""
+    st = m.default_score
+    thr = m.thresholds[st].value
+    d = m.distributions[st]
+    qs = np.interp([0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.98], d.probs, d.quantiles)
+    spread = max(thr - float(qs[0]), 1e-6)
+    above = [thr + spread * k for k in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)]
+    return sorted({round(float(b), 6) for b in [*qs, thr, *above]})
+
+
+def init_model_metrics(m: Manifest) -> Histogram:
+    """Describe the served model; create the score histogram (buckets from this model)."""
+    global _score
+    MODEL_INFO.labels(m.name, m.version, m.default_score).set(1)
+    THRESHOLD.set(m.thresholds[m.default_score].value)
+    if _score is None:
+        _score = Histogram(
+            f"{PREFIX}_score", f"Anomaly scores ({m.default_score})", buckets=score_buckets(m)
+        )
+    return _score
+
+
+def observe_many(hist: Histogram, values: np.ndarray) -> None:
+    """``hist.observe(v)`` for every v, in one pass (a 10,000-record request is one call)."""
+    bounds = np.asarray(hist._upper_bounds)  # ends with +Inf
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for i in np.flatnonzero(counts):
+        hist._buckets[i].inc(int(counts[i]))
+    hist._sum.inc(float(np.sum(values)))
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text exposition of every metric (summed over workers in multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,295 @@
+"""The native API (``/v1``): records as JSON objects in, one result per record out."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from starlette.concurrency import run_in_threadpool
+
+from service import metrics
+from service.bundle import (
+    MISSING_TOKEN,
+    UNKNOWN_TOKEN,
+    BooleanFeature,
+    CategoricalFeature,
+    Manifest,
+    NumericFeature,
+)
+from service.errors import InvalidRecords
+from service.http import JSON, ScorerDep, SettingsDep, read_json
+from service.scoring import Scored, Scorer, top_features
+from service.settings import Settings
+
+MAX_LISTED_ERRORS = 100
+ScoreType = Literal["elbo", "recon", "iwae"]
+
+
+# ---------------------------------------------------------------- record validation
+
+
+class _Missing:
+    pass
+
+
+MISSING = _Missing()
+
+
+def _check(
+    f: NumericFeature | BooleanFeature | CategoricalFeature, v: Any, max_len: int
+) -> tuple[Any, str | None, str]:
+    """(value for the model, error reason or None, error message)."""
+    if v is MISSING or v is None:
+        if f.nullable:
+            return None, None, ""
+        what = "is required" if v is MISSING else "must not be null"
+        return None, "missing", f"{what} (this feature was never missing in training)"
+    if isinstance(f, NumericFeature):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return None, "wrong_type", f"expected a number, got {type(v).__name__}"
+        fv = float(v)
+        if not math.isfinite(fv):
+            return None, "not_finite", "must be a finite number"
+        return fv, None, ""
+    if isinstance(f, BooleanFeature):
+        if isinstance(v, bool):
+            return float(v), None, ""
+        if isinstance(v, int) and v in (0, 1):
+            return float(v), None, ""
+        return None, "wrong_type", f"expected true or false, got {type(v).__name__}"
+    if isinstance(v, str):
+        if len(v) > max_len:
+            return None, "too_long", f"longer than {max_len} characters"
+        return v, None, ""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v), None, ""
+    return None, "wrong_type", f"expected a string, got {type(v).__name__}"
+
+
+def records_to_columns(body: Any, m: Manifest, s: Settings) -> tuple[dict[str, list[Any]], int]:
+    """Validate ``{"records": [...]}``; return feature name -> values, or raise InvalidRecords."""
+    if not isinstance(body, dict) or not isinstance(body.get("records"), list):
+        raise InvalidRecords(
+            'the body must be a JSON object {"records": [...]}',
+            [
+                {
+                    "record": None,
+                    "field": "records",
+                    "reason": "wrong_type",
+                    "message": "expected a list of records",
+                }
+            ],
+        )
+    extra = sorted(set(body) - {"records"})
+    records = body["records"]
+    n = len(records)
+    if extra:
+        raise InvalidRecords(
+            f"unknown top-level field(s) {extra}",
+            [
+                {"record": None, "field": k, "reason": "unknown_field", "message": "unknown field"}
+                for k in extra
+            ],
+        )
+    if n == 0 or n > s.max_records:
+        size = "empty_batch" if n == 0 else "batch_too_large"
+        metrics.INVALID_RECORDS.labels(size).inc()
+        raise InvalidRecords(
+            f"a request holds 1 to {s.max_records} records, this one {n}",
+            [
+                {
+                    "record": None,
+                    "field": "records",
+                    "reason": size,
+                    "message": f"{n} records; 1 to {s.max_records} allowed",
+                }
+            ],
+        )
+    feats = m.features
+    known = {f.name for f in feats}
+    ignored = set(m.ignored_columns)
+    columns: dict[str, list[Any]] = {f.name: [None] * n for f in feats}
+    errors: list[dict[str, Any]] = []
+    bad_records = 0
+    for i, rec in enumerate(records):
+        first: str | None = None
+        if not isinstance(rec, dict):
+            errors.append(
+                {
+                    "record": i,
+                    "field": None,
+                    "reason": "not_an_object",
+                    "message": f"expected an object, got {type(rec).__name__}",
+                }
+            )
+            first = "not_an_object"
+        else:
+            if s.unknown_fields == "reject":
+                for key in rec:
+                    if key not in known and key not in ignored:
+                        errors.append(
+                            {
+                                "record": i,
+                                "field": str(key),
+                                "reason": "unknown_field",
+                                "message": "the model has no such feature",
+                            }
+                        )
+                        first = first or "unknown_field"
+            for f in feats:
+                value, reason, msg = _check(f, rec.get(f.name, MISSING), s.max_string_length)
+                if reason:
+                    errors.append({"record": i, "field": f.name, "reason": reason, "message": msg})
+                    first = first or reason
+                else:
+                    columns[f.name][i] = value
+        if first:
+            bad_records += 1
+            metrics.INVALID_RECORDS.labels(first).inc()
+    if errors:
+        shown = errors[:MAX_LISTED_ERRORS]
+        more = (
+            f" (first {len(shown)} of {len(errors)} errors listed)"
+            if len(errors) > len(shown)
+            else ""
+        )
+        raise InvalidRecords(f"{bad_records} of {n} records are invalid{more}", shown)
+    return columns, n
+
+
+# ---------------------------------------------------------------- OpenAPI schema of a model
+
+
+def request_model(m: Manifest, max_records: int) -> type[BaseModel]:
+    """A pydantic model of the score request for this bundle's features (for /docs only)."""
+    fields: dict[str, Any] = {}
+    for f in m.features:
+        typ: Any
+        if isinstance(f, NumericFeature):
+            typ, desc = float, f"number; seen in training from {f.min:g} to {f.max:g}"
+        elif isinstance(f, BooleanFeature):
+            typ, desc = bool, "true or false"
+        else:
+            cats = [c for c in f.categories if c not in (UNKNOWN_TOKEN, MISSING_TOKEN)]
+            typ = str
+            desc = (
+                "one of "
+                + ", ".join(repr(c) for c in cats[:50])
+                + (" ..." if len(cats) > 50 else "")
+                + "; other values are scored as never seen and flagged"
+            )
+        if f.nullable:
+            fields[f.name] = (typ | None, Field(None, description=desc + "; may be null"))
+        else:
+            fields[f.name] = (typ, Field(..., description=desc + "; required"))
+    doc = "One record. " + (
+        f"Also accepted and ignored: {', '.join(m.ignored_columns)}." if m.ignored_columns else ""
+    )
+    record = create_model("Record", __config__=ConfigDict(extra="forbid"), __doc__=doc, **fields)
+    return create_model(
+        "ScoreRequest",
+        records=(list[record], Field(..., min_length=1, max_length=max_records)),  # type: ignore[valid-type]
+    )
+
+
+class FeatureShare(BaseModel):
+    name: str
+    share: float = Field(description="share of the score in excess of normal, 0 to 1")
+
+
+class RecordResult(BaseModel):
+    score: float = Field(description="higher = more anomalous")
+    is_anomaly: bool = Field(description="score > threshold")
+    threshold: float
+    percentile: float = Field(description="percentile of the score among normal records, 0-100")
+    top_features: list[FeatureShare]
+    unknown_categories: list[str] = Field(description="features whose value was never seen")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    score_type: ScoreType
+
+
+class ScoreResponse(BaseModel):
+    model: ModelRef
+    results: list[RecordResult]
+
+
+def results_json(scorer: Scorer, scored: Scored, explain: int) -> dict[str, Any]:
+    m = scorer.manifest
+    tops = top_features(scorer.feature_names, scored.attribution, explain)
+    unknown = [[] for _ in range(len(scored.score))]  # type: list[list[str]]
+    for name, rows in scored.unknown.items():
+        for i in rows.nonzero()[0]:
+            unknown[i].append(name)
+    thr = scored.threshold
+    return {
+        "model": {"name": m.name, "version": m.version, "score_type": scored.score_type},
+        "results": [
+            {
+                "score": sc,
+                "is_anomaly": an,
+                "threshold": thr,
+                "percentile": round(p, 3),
+                "top_features": top,
+                "unknown_categories": unk,
+            }
+            for sc, an, p, top, unk in zip(
+                scored.score.tolist(),
+                scored.is_anomaly.tolist(),
+                scored.percentile.tolist(),
+                tops,
+                unknown,
+                strict=True,
+            )
+        ],
+    }
+
+
+# ---------------------------------------------------------------- routes
+
+router = APIRouter(prefix="/v1", tags=["native"])
+
+
+ScoreQuery = Annotated[ScoreType | None, Query(description="score type; default: the model's")]
+ExplainQuery = Annotated[int | None, Query(ge=0, le=1000, description="top features per record")]
+
+
+@router.post("/score", response_model=ScoreResponse, response_class=JSON, summary="Score records")
+async def score_records(
+    request: Request,
+    scorer: ScorerDep,
+    settings: SettingsDep,
+    score: ScoreQuery = None,
+    explain: ExplainQuery = None,
+) -> JSON:
+    """Score 1 to ``max_records`` records. Each result has the score, the verdict, the
+    threshold, the percentile among normal records and the features that drove the score."""
+    body = await read_json(request, settings.max_body_bytes)
+    columns, _ = records_to_columns(body, scorer.manifest, settings)
+    scored = await run_in_threadpool(scorer.score, columns, score)
+    k = settings.explain if explain is None else explain
+    return JSON(results_json(scorer, scored, k))
+
+
+@router.get("/model", summary="The model being served")
+async def model_info(scorer: ScorerDep) -> dict[str, Any]:
+    m = scorer.manifest
+    return {
+        "name": m.name,
+        "version": m.version,
+        "created_at": m.created_at.isoformat(),
+        "parent_version": m.parent_version,
+        "default_score": m.default_score,
+        "score_types": m.score_types,
+        "target_fpr": m.target_fpr,
+        "thresholds": {k: v.model_dump() for k, v in m.thresholds.items()},
+        "features": [f.model_dump() for f in m.features],
+        "ignored_columns": m.ignored_columns,
+        "metrics": m.metrics,
+        "data": m.data.model_dump(),
+    }

@@ -1,0 +1,113 @@
+"""Scoring: columns of validated values in, scores and verdicts out. Knows nothing of HTTP.
+
+Both protocol adapters (``/v1`` and ``/v2``) turn their requests into columns and call
+:meth:`Scorer.score`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from service import metrics
+from service.bundle import BooleanFeature, Bundle, CategoricalFeature, Manifest, NumericFeature
+from service.features import encode_columns, percentile
+from service.runtime import open_bundle
+
+
+@dataclass
+class Scored:
+    """Results for a batch of records, all arrays of the batch's length."""
+
+    score_type: str
+    score: npt.NDArray[np.float64]
+    is_anomaly: npt.NDArray[np.bool_]
+    threshold: float
+    percentile: npt.NDArray[np.float64]
+    attribution: npt.NDArray[np.float32]  # [n, n_features]
+    unknown: dict[str, npt.NDArray[np.bool_]]  # feature -> rows with an unseen category
+
+
+class Scorer:
+    """One bundle and its onnxruntime session (one per worker process)."""
+
+    def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, threads: int = 1) -> None:
+        self.bundle, self.model = open_bundle(bundle, intra_op_threads=threads)
+        self.manifest: Manifest = self.bundle.manifest
+        self.feature_names = [f.name for f in self.manifest.features]
+        self.score_histogram = metrics.init_model_metrics(self.manifest)
+        self.ready = False
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def score(
+        self,
+        columns: Mapping[str, Sequence[Any] | np.ndarray],
+        score_type: str | None,
+        *,
+        observe: bool = True,
+    ) -> Scored:
+        """Score records given as feature name -> values (None = missing); count them in the
+        metrics unless ``observe`` is False."""
+        m = self.manifest
+        st = score_type or m.default_score
+        enc = encode_columns(m.features, columns)
+        start = time.perf_counter()
+        out = self.model.run(enc.inputs)
+        scores = out[st].astype(np.float64)
+        thr = m.thresholds[st].value  # type: ignore[index]
+        verdict = scores > thr
+        if observe:
+            metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
+            metrics.BATCH_SIZE.observe(enc.n_rows)
+            metrics.RECORDS_SCORED.inc(enc.n_rows)
+            metrics.ANOMALIES.inc(int(verdict.sum()))
+            metrics.observe_many(self.score_histogram, out[m.default_score].astype(np.float64))
+            for name, rows in enc.unknown.items():
+                metrics.UNKNOWN_CATEGORY.labels(name).inc(int(rows.sum()))
+        return Scored(
+            score_type=st,
+            score=scores,
+            is_anomaly=verdict,
+            threshold=thr,
+            percentile=percentile(m, st, scores),
+            attribution=out["attribution"],
+            unknown=enc.unknown,
+        )
+
+    def warm_up(self) -> None:
+        """Score one typical record, so the first real request pays no start-up cost."""
+        record: dict[str, list[Any]] = {}
+        for f in self.manifest.features:
+            if isinstance(f, NumericFeature):
+                record[f.name] = [f.impute]
+            elif isinstance(f, BooleanFeature):
+                record[f.name] = [f.rate >= 0.5]
+            elif isinstance(f, CategoricalFeature):
+                record[f.name] = [f.categories[2] if len(f.categories) > 2 else None]
+        s = self.score(record, None, observe=False)
+        if not np.isfinite(s.score).all():
+            raise RuntimeError("warm-up scored a typical record as non-finite")
+        self.ready = True
+
+
+def top_features(names: list[str], attribution: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+    """The ``k`` features with the largest share of each record's score (zero shares left out)."""
+    if k <= 0:
+        return [[] for _ in range(len(attribution))]
+    k = min(k, attribution.shape[1])
+    idx = np.argsort(-attribution, axis=1, kind="stable")[:, :k]
+    out = []
+    for row, cols in zip(attribution, idx, strict=True):
+        out.append(
+            [{"name": names[c], "share": round(float(row[c]), 4)} for c in cols if row[c] > 0]
+        )
+    return out

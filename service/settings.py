@@ -1,0 +1,49 @@
+"""The service's settings: one typed object, read once at start from flags and environment.
+
+Every field can be set by an environment variable ``VAE_ANOMALY_<FIELD>`` (e.g.
+``VAE_ANOMALY_PORT=9000``); command-line flags win over the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "VAE_ANOMALY_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    bundle: Path | None = Field(None, description="model bundle directory to serve")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    workers: int = Field(1, ge=1, le=64, description="worker processes")
+    max_records: int = Field(10_000, ge=1, description="records per request, at most")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request body size limit")
+    max_string_length: int = Field(256, ge=1, description="longest category string accepted")
+    unknown_fields: Literal["reject", "ignore"] = Field(
+        "reject", description="what to do with a record field the model does not know"
+    )
+    explain: int = Field(3, ge=0, description="top features reported per record by default")
+    inference_threads: int = Field(1, ge=1, le=64, description="onnxruntime threads per worker")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class SettingsError(ValueError):
+    """A bad setting, with a message naming it (as its environment variable)."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment, apply non-None overrides (flags), validate; or raise SettingsError."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            problems.append(f"{ENV_PREFIX}{name.upper()} ({name}): {err['msg']}")
+        raise SettingsError("bad setting: " + "; ".join(problems)) from None

@@ -1,0 +1,232 @@
+"""The Open Inference Protocol (KServe V2) REST endpoints.
+
+One input tensor per feature, shape ``[N]`` (or ``[N, 1]``): ``FP32``/``FP64``/``INT*``/``UINT*``
+for numerics, ``BOOL`` for booleans, ``BYTES`` for categoricals. A nullable feature may be left
+out (all missing) or hold ``null`` entries. Outputs ``score`` (FP64), ``is_anomaly`` (BOOL) and
+``percentile`` (FP64), each ``[N]``. Request ``parameters`` may set ``score_type``. Errors are
+``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service import __version__
+from service.bundle import BooleanFeature, CategoricalFeature, NumericFeature
+from service.errors import BadRequest, NotFound
+from service.http import JSON, ScorerDep, SettingsDep, read_json
+from service.scoring import Scorer
+
+NUMERIC_TYPES = {
+    "FP16",
+    "FP32",
+    "FP64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+}
+OUTPUTS = {"score": "FP64", "is_anomaly": "BOOL", "percentile": "FP64"}
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+
+
+def _datatype(f: NumericFeature | BooleanFeature | CategoricalFeature) -> str:
+    if isinstance(f, NumericFeature):
+        return "FP64"
+    return "BOOL" if isinstance(f, BooleanFeature) else "BYTES"
+
+
+def _check_model(scorer: Scorer, name: str, version: str | None) -> None:
+    m = scorer.manifest
+    if name != m.name:
+        raise NotFound(f"unknown model {name!r}; this server serves {m.name!r}")
+    if version is not None and version != m.version:
+        raise NotFound(f"model {name!r} has no version {version!r}; serving {m.version!r}")
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        raise BadRequest("tensor data must be a JSON array")
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def _column(
+    f: NumericFeature | BooleanFeature | CategoricalFeature, t: dict[str, Any], max_len: int
+) -> list[Any]:
+    name, dt = f.name, t.get("datatype")
+    kind = f.kind
+    allowed = NUMERIC_TYPES if kind == "numeric" else {"BOOL"} if kind == "boolean" else {"BYTES"}
+    if dt not in allowed:
+        raise BadRequest(
+            f"input {name!r}: datatype {dt!r} is not allowed for a {kind} feature "
+            f"(use {' or '.join(sorted(allowed))})"
+        )
+    shape = t.get("shape")
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or (len(shape) == 2 and shape[1] != 1)
+    ):
+        raise BadRequest(f"input {name!r}: shape must be [N] or [N, 1], got {shape!r}")
+    values = _flatten(t.get("data"))
+    if len(values) != shape[0]:
+        raise BadRequest(
+            f"input {name!r}: shape {shape} holds {shape[0]} values, data has {len(values)}"
+        )
+    out: list[Any] = []
+    for i, v in enumerate(values):
+        if v is None:
+            if not f.nullable:
+                raise BadRequest(f"input {name!r}[{i}]: null, but this feature is required")
+            out.append(None)
+        elif kind == "numeric":
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise BadRequest(f"input {name!r}[{i}]: expected a finite number, got {v!r}")
+            out.append(float(v))
+        elif kind == "boolean":
+            if not isinstance(v, bool):
+                raise BadRequest(f"input {name!r}[{i}]: expected true or false, got {v!r}")
+            out.append(float(v))
+        else:
+            if not isinstance(v, str):
+                raise BadRequest(f"input {name!r}[{i}]: expected a string, got {v!r}")
+            if len(v) > max_len:
+                raise BadRequest(f"input {name!r}[{i}]: longer than {max_len} characters")
+            out.append(v)
+    return out
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "vae-anomaly", "version": __version__, "extensions": []}
+
+
+@router.get("/health/live", summary="Server live")
+async def live() -> Response:
+    return Response(status_code=200)
+
+
+@router.get("/health/ready", summary="Server ready")
+async def ready(request: Request) -> Response:
+    scorer: Scorer | None = request.app.state.scorer
+    return Response(status_code=200 if scorer is not None and scorer.ready else 400)
+
+
+@router.get("/models/{name}", summary="Model metadata")
+@router.get("/models/{name}/versions/{version}", summary="Model metadata (a version)")
+async def model_metadata(
+    name: str, scorer: ScorerDep, version: str | None = None
+) -> dict[str, Any]:
+    _check_model(scorer, name, version)
+    m = scorer.manifest
+    return {
+        "name": m.name,
+        "versions": [m.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": f.name, "datatype": _datatype(f), "shape": [-1]} for f in m.features],
+        "outputs": [{"name": k, "datatype": v, "shape": [-1]} for k, v in OUTPUTS.items()],
+    }
+
+
+@router.get("/models/{name}/ready", summary="Model ready")
+@router.get("/models/{name}/versions/{version}/ready", summary="Model ready (a version)")
+async def model_ready(name: str, scorer: ScorerDep, version: str | None = None) -> Response:
+    _check_model(scorer, name, version)
+    return Response(status_code=200)
+
+
+@router.post("/models/{name}/infer", summary="Inference")
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference (a version)")
+async def infer(
+    name: str,
+    request: Request,
+    scorer: ScorerDep,
+    settings: SettingsDep,
+    version: str | None = None,
+) -> JSON:
+    _check_model(scorer, name, version)
+    body = await read_json(request, settings.max_body_bytes)
+    if not isinstance(body, dict):
+        raise BadRequest("the inference request must be a JSON object")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
+        raise BadRequest("'inputs' must be a list of tensor objects")
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("'parameters' must be an object")
+    score_type = params.get("score_type")
+    m = scorer.manifest
+    if score_type is not None and score_type not in m.score_types:
+        raise BadRequest(f"parameter score_type must be one of {m.score_types}")
+    by_name: dict[str, dict[str, Any]] = {}
+    for t in inputs:
+        tname = t.get("name")
+        if not isinstance(tname, str):
+            raise BadRequest("every input needs a string 'name'")
+        if tname in by_name:
+            raise BadRequest(f"input {tname!r} is given twice")
+        by_name[tname] = t
+    feats = {f.name: f for f in m.features}
+    unknown = sorted(set(by_name) - set(feats) - set(m.ignored_columns))
+    if unknown and settings.unknown_fields == "reject":
+        raise BadRequest(f"unknown input(s) {unknown}; the model's inputs are {sorted(feats)}")
+    columns: dict[str, list[Any]] = {}
+    for fname, f in feats.items():
+        if fname in by_name:
+            columns[fname] = _column(f, by_name[fname], settings.max_string_length)
+        elif not f.nullable:
+            raise BadRequest(f"input {fname!r} is required")
+    lengths = {len(c) for c in columns.values()}
+    if len(lengths) > 1:
+        raise BadRequest(f"inputs have different lengths {sorted(lengths)}")
+    n = lengths.pop() if lengths else 0
+    if n == 0 or n > settings.max_records:
+        raise BadRequest(f"a request holds 1 to {settings.max_records} records, this one {n}")
+    for fname in feats:
+        columns.setdefault(fname, [None] * n)
+    wanted = body.get("outputs")
+    names = list(OUTPUTS)
+    if wanted is not None:
+        if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
+            raise BadRequest("'outputs' must be a list of objects with a 'name'")
+        names = [o.get("name") for o in wanted]
+        bad = [o for o in names if o not in OUTPUTS]
+        if bad:
+            raise BadRequest(f"unknown output(s) {bad}; available: {list(OUTPUTS)}")
+    scored = await run_in_threadpool(scorer.score, columns, score_type)
+    data = {
+        "score": scored.score.tolist(),
+        "is_anomaly": scored.is_anomaly.tolist(),
+        "percentile": scored.percentile.tolist(),
+    }
+    out: dict[str, Any] = {
+        "model_name": m.name,
+        "model_version": m.version,
+        "outputs": [
+            {"name": o, "datatype": OUTPUTS[o], "shape": [n], "data": data[o]} for o in names
+        ],
+        "parameters": {"score_type": scored.score_type, "threshold": scored.threshold},
+    }
+    if "id" in body:
+        out["id"] = body["id"]
+    return JSON(out)

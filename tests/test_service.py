@@ -1,0 +1,538 @@
+"""The scoring service end to end: a real uvicorn process on 127.0.0.1, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.bundle import read_bundle
+from service.features import encode_columns
+from service.runtime import open_bundle
+from tests.conftest import Server, run_server
+from training.demo_data import generate_payments, make_anomalies
+
+MAX_RECORDS = 100
+MAX_BODY = 64 * 1024
+
+
+def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """JSON-ready records: NaN/None become null (as a client would send them)."""
+    out = []
+    for rec in df.to_dict(orient="records"):
+        out.append(
+            {
+                k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                for k, v in rec.items()
+                if k != "anomaly_kind"
+            }
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    env = {"VAE_ANOMALY_MAX_RECORDS": str(MAX_RECORDS), "VAE_ANOMALY_MAX_BODY_BYTES": str(MAX_BODY)}
+    with run_server(
+        ["serve", "--bundle", str(bundle_dir)], tmp_path_factory.mktemp("srv"), env=env
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    out = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], metric: str, /, **labels: str
+) -> float:
+    return samples.get((metric, tuple(sorted(labels.items()))), 0.0)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def test_normal_and_anomalous_records(client: httpx.Client, bundle_dir: Path) -> None:
+    m = read_bundle(bundle_dir).manifest
+    normal = records(generate_payments(MAX_RECORDS, seed=31))
+    bad = records(make_anomalies(50, seed=31))
+    rn = client.post("/v1/score", json={"records": normal})
+    ra = client.post("/v1/score", json={"records": bad})
+    assert rn.status_code == 200 and ra.status_code == 200, rn.text + ra.text
+    body_n, body_a = rn.json(), ra.json()
+    assert body_n["model"] == {"name": m.name, "version": m.version, "score_type": m.default_score}
+    res_n, res_a = body_n["results"], body_a["results"]
+    assert len(res_n) == MAX_RECORDS and len(res_a) == 50
+    thr = m.thresholds[m.default_score].value
+    for r in res_n + res_a:
+        assert r["threshold"] == pytest.approx(thr)
+        assert r["is_anomaly"] == (r["score"] > thr)
+        assert 0.0 <= r["percentile"] <= 100.0
+        assert len(r["top_features"]) <= 3
+        assert {t["name"] for t in r["top_features"]} <= {f.name for f in m.features}
+        assert all(0 < t["share"] <= 1 for t in r["top_features"])
+    assert sum(r["is_anomaly"] for r in res_n) <= 5  # target 1% of 100
+    assert sum(r["is_anomaly"] for r in res_a) >= 40
+    assert np.median([r["score"] for r in res_a]) > np.max(sorted(r["score"] for r in res_n)[:-5])
+    assert np.mean([r["percentile"] for r in res_a]) > 95
+
+
+def test_results_come_back_in_request_order(client: httpx.Client, bundle_dir: Path) -> None:
+    df = pd.concat([generate_payments(20, seed=32), make_anomalies(20, seed=32)])
+    df = df.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    r = client.post("/v1/score", json={"records": records(df)})
+    assert r.status_code == 200
+    got = [x["score"] for x in r.json()["results"]]
+    bundle, model = open_bundle(bundle_dir)
+    feats = bundle.manifest.features
+    expected = model.run(
+        encode_columns(feats, {f.name: df[f.name].to_numpy() for f in feats}).inputs
+    )["elbo"]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_attribution_names_the_driving_feature(client: httpx.Client) -> None:
+    bad = records(make_anomalies(10, seed=33, kinds=("velocity",)))
+    r = client.post("/v1/score", params={"explain": 1}, json={"records": bad})
+    tops = [x["top_features"][0]["name"] for x in r.json()["results"]]
+    assert tops.count("tx_last_24h") >= 9
+
+
+def test_query_picks_score_type_and_explanations(client: httpx.Client, bundle_dir: Path) -> None:
+    m = read_bundle(bundle_dir).manifest
+    recs = records(make_anomalies(3, seed=34))
+    r = client.post("/v1/score", params={"score": "recon", "explain": 0}, json={"records": recs})
+    body = r.json()
+    assert body["model"]["score_type"] == "recon"
+    assert all(
+        x["threshold"] == pytest.approx(m.thresholds["recon"].value) for x in body["results"]
+    )
+    assert all(x["top_features"] == [] for x in body["results"])
+    r = client.post("/v1/score", params={"explain": 6}, json={"records": recs})
+    assert max(len(x["top_features"]) for x in r.json()["results"]) > 3
+    r = client.post("/v1/score", params={"score": "mahalanobis"}, json={"records": recs})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "score"
+
+
+def test_unseen_category_is_scored_and_flagged(client: httpx.Client) -> None:
+    rec = records(generate_payments(1, seed=35))[0]
+    rec["merchant_category"] = "space_tourism"
+    r = client.post("/v1/score", json={"records": [rec]})
+    assert r.status_code == 200
+    res = r.json()["results"][0]
+    assert res["unknown_categories"] == ["merchant_category"]
+    assert math.isfinite(res["score"])
+
+
+def test_ignored_training_columns_are_accepted(client: httpx.Client, bundle_dir: Path) -> None:
+    assert "transaction_id" in read_bundle(bundle_dir).manifest.ignored_columns
+    rec = records(generate_payments(1, seed=36))[0]
+    assert "transaction_id" in rec
+    assert client.post("/v1/score", json={"records": [rec]}).status_code == 200
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _one() -> dict[str, Any]:
+    return records(generate_payments(1, seed=37))[0]
+
+
+BAD_RECORDS: dict[str, tuple[dict[str, Any], str, str]] = {
+    # case: (changes to a good record, field named, reason)
+    "wrong type": ({"amount": "twelve"}, "amount", "wrong_type"),
+    "bool for number": ({"hour": True}, "hour", "wrong_type"),
+    "number for boolean": ({"card_present": 3}, "card_present", "wrong_type"),
+    "object for category": ({"country": {"a": 1}}, "country", "wrong_type"),
+    "missing required": ({"amount": None}, "amount", "missing"),
+    "unknown field": ({"favourite_colour": "blue"}, "favourite_colour", "unknown_field"),
+    "string too long": ({"country": "x" * 300}, "country", "too_long"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_bad_record_names_index_field_and_reason(client: httpx.Client, case: str) -> None:
+    change, field, reason = BAD_RECORDS[case]
+    recs = [_one(), {**_one(), **change}]
+    r = client.post("/v1/score", json={"records": recs})
+    assert r.status_code == 422, r.text
+    errors = r.json()["errors"]
+    assert {"record": 1, "field": field, "reason": reason} in [
+        {k: e[k] for k in ("record", "field", "reason")} for e in errors
+    ]
+    assert all(e["record"] == 1 for e in errors)
+
+
+def test_absent_required_field(client: httpx.Client) -> None:
+    rec = _one()
+    del rec["hour"]
+    r = client.post("/v1/score", json={"records": [rec]})
+    assert r.status_code == 422
+    assert r.json()["errors"][0] == {
+        "record": 0,
+        "field": "hour",
+        "reason": "missing",
+        "message": r.json()["errors"][0]["message"],
+    }
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused(client: httpx.Client, token: str) -> None:
+    rec = _one()
+    text = json.dumps({"records": [rec]})
+    text = text.replace(f'"amount": {json.dumps(rec["amount"])}', f'"amount": {token}')
+    r = client.post("/v1/score", content=text, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == "amount"
+    assert r.json()["errors"][0]["reason"] == "not_finite"
+
+
+@pytest.mark.parametrize(
+    "body,status,field",
+    [
+        (b"{not json", 400, None),
+        (b"", 400, None),
+        (b"[1, 2]", 422, "records"),
+        (b'{"records": {}}', 422, "records"),
+        (b'{"records": []}', 422, "records"),
+        (b'{"records": [1]}', 422, None),
+        (b'{"records": [], "extra": 1}', 422, "extra"),
+    ],
+)
+def test_malformed_bodies(
+    client: httpx.Client, body: bytes, status: int, field: str | None
+) -> None:
+    r = client.post("/v1/score", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    j = r.json()
+    assert j["error"]
+    if status == 422:
+        assert j["errors"][0]["field"] == field
+
+
+def test_batch_too_large(client: httpx.Client) -> None:
+    r = client.post("/v1/score", json={"records": [_one()] * (MAX_RECORDS + 1)})
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["reason"] == "batch_too_large"
+
+
+def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
+    big = {"records": [{**_one(), "country": "y" * 200}] * 400}
+    r = client.post("/v1/score", json=big)
+    assert r.status_code == 413
+    # also when the client does not say how long the body is (chunked)
+    chunks = iter([b'{"records": [', b"0," * (MAX_BODY // 2 + 10), b"0]}"])
+    r = client.post("/v1/score", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_fuzzed_values_never_give_a_5xx(client: httpx.Client) -> None:
+    weird: list[Any] = [
+        None,
+        True,
+        False,
+        0,
+        -1,
+        1e308,
+        -1e308,
+        2**70,
+        "",
+        "é" * 10,
+        [],
+        {},
+        [1, 2],
+        {"a": None},
+        0.5,
+        "NaN",
+        "1e9",
+    ]
+    rec = _one()
+    statuses = set()
+    for field in rec:
+        for w in weird:
+            r = client.post("/v1/score", json={"records": [{**rec, field: w}]})
+            statuses.add(r.status_code)
+            assert r.status_code < 500, (field, w, r.text)
+    assert statuses == {200, 422}
+
+
+# ---------------------------------------------------------------- model, health, openapi
+
+
+def test_model_health_and_request_id(client: httpx.Client, bundle_dir: Path) -> None:
+    m = read_bundle(bundle_dir).manifest
+    info = client.get("/v1/model").json()
+    assert info["name"] == m.name and info["version"] == m.version
+    assert info["score_types"] == m.score_types
+    assert info["thresholds"]["elbo"]["value"] == pytest.approx(m.thresholds["elbo"].value)
+    assert [f["name"] for f in info["features"]] == [f.name for f in m.features]
+    assert "validation_loss" in info["metrics"] and info["created_at"]
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["version"] == m.version
+    r = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    generated = client.get("/healthz").headers["x-request-id"]
+    assert len(generated) == 32 and generated != "abc-123"
+    hostile = "id-" + "x" * 200  # too long to log or echo: replaced by a fresh one
+    assert (
+        len(client.get("/healthz", headers={"X-Request-ID": hostile}).headers["x-request-id"]) == 32
+    )
+
+
+def test_openapi_shows_the_models_fields(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    comps = spec["components"]["schemas"]
+    rec = comps["Record"]
+    props = rec["properties"]
+    assert props["amount"]["type"] == "number"
+    assert props["card_present"]["type"] == "boolean"
+    assert "'grocery'" in props["merchant_category"]["description"]
+    assert {"amount", "hour", "merchant_category"} <= set(rec["required"])
+    assert "customer_age" not in rec["required"]
+    body = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["$ref"] == "#/components/schemas/ScoreRequest"
+    assert client.get("/docs").status_code == 200
+
+
+# ---------------------------------------------------------------- Open Inference Protocol (V2)
+
+
+def v2_request(df: pd.DataFrame, m_features: list[Any]) -> dict[str, Any]:
+    inputs = []
+    for f in m_features:
+        col = df[f.name]
+        if f.kind == "numeric":
+            data = [None if math.isnan(v) else float(v) for v in col]
+            dt = "FP64"
+        elif f.kind == "boolean":
+            data, dt = [bool(v) for v in col], "BOOL"
+        else:
+            data, dt = [None if pd.isna(v) else str(v) for v in col], "BYTES"
+        inputs.append({"name": f.name, "shape": [len(df)], "datatype": dt, "data": data})
+    return {
+        "id": "req-7",
+        "parameters": {"score_type": "iwae"},
+        "inputs": inputs,
+        "outputs": [{"name": "score"}, {"name": "is_anomaly"}],
+    }
+
+
+def test_v2_health_and_metadata(client: httpx.Client, bundle_dir: Path) -> None:
+    m = read_bundle(bundle_dir).manifest
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.get(f"/v2/models/{m.name}/ready").status_code == 200
+    assert client.get(f"/v2/models/{m.name}/versions/{m.version}/ready").status_code == 200
+    meta = client.get(f"/v2/models/{m.name}").json()
+    assert meta["name"] == m.name and meta["versions"] == [m.version]
+    types = {i["name"]: i["datatype"] for i in meta["inputs"]}
+    assert types["amount"] == "FP64" and types["card_present"] == "BOOL"
+    assert types["merchant_category"] == "BYTES"
+    assert all(i["shape"] == [-1] for i in meta["inputs"])
+    assert [o["name"] for o in meta["outputs"]] == ["score", "is_anomaly", "percentile"]
+    server_meta = client.get("/v2").json()
+    assert server_meta["name"] == "vae-anomaly" and "extensions" in server_meta
+    r = client.get("/v2/models/nope")
+    assert r.status_code == 404 and set(r.json()) == {"error"}
+
+
+def test_v2_infer_matches_native(client: httpx.Client, bundle_dir: Path) -> None:
+    m = read_bundle(bundle_dir).manifest
+    df = pd.concat([generate_payments(5, seed=38), make_anomalies(5, seed=38)], ignore_index=True)
+    r = client.post(f"/v2/models/{m.name}/infer", json=v2_request(df, m.features))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == "req-7" and body["model_name"] == m.name
+    assert body["model_version"] == m.version
+    assert [o["name"] for o in body["outputs"]] == ["score", "is_anomaly"]
+    out = {o["name"]: o for o in body["outputs"]}
+    assert out["score"]["shape"] == [10] and out["score"]["datatype"] == "FP64"
+    assert out["is_anomaly"]["datatype"] == "BOOL"
+    native = client.post(
+        "/v1/score", params={"score": "iwae"}, json={"records": records(df)}
+    ).json()["results"]
+    np.testing.assert_allclose(out["score"]["data"], [x["score"] for x in native], rtol=1e-6)
+    assert out["is_anomaly"]["data"] == [x["is_anomaly"] for x in native]
+    # versioned path, nested [N, 1] data, all outputs by default
+    req = v2_request(df, m.features)
+    del req["outputs"], req["id"]
+    req["inputs"][0]["shape"] = [10, 1]
+    req["inputs"][0]["data"] = [[v] for v in req["inputs"][0]["data"]]
+    r = client.post(f"/v2/models/{m.name}/versions/{m.version}/infer", json=req)
+    assert r.status_code == 200, r.text
+    assert [o["name"] for o in r.json()["outputs"]] == ["score", "is_anomaly", "percentile"]
+    assert "id" not in r.json()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "datatype",
+        "shape",
+        "length",
+        "null",
+        "unknown",
+        "missing",
+        "output",
+        "score_type",
+        "not_object",
+    ],
+)
+def test_v2_errors_use_the_protocol_body(
+    client: httpx.Client, bundle_dir: Path, change: str
+) -> None:
+    m = read_bundle(bundle_dir).manifest
+    req: Any = v2_request(generate_payments(3, seed=39), m.features)
+    inp = req["inputs"]
+    if change == "datatype":
+        inp[0]["datatype"] = "BYTES"
+    elif change == "shape":
+        inp[0]["shape"] = [3, 2]
+    elif change == "length":
+        inp[0]["data"] = inp[0]["data"][:2]
+    elif change == "null":
+        inp[0]["data"][1] = None  # amount is never missing in training
+    elif change == "unknown":
+        inp.append({"name": "colour", "shape": [3], "datatype": "BYTES", "data": ["a"] * 3})
+    elif change == "missing":
+        req["inputs"] = inp[1:]
+    elif change == "output":
+        req["outputs"] = [{"name": "logits"}]
+    elif change == "score_type":
+        req["parameters"] = {"score_type": "nope"}
+    else:
+        req = [1, 2, 3]
+    r = client.post(f"/v2/models/{m.name}/infer", json=req)
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"error"} and r.json()["error"]
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_move_by_the_right_amounts(client: httpx.Client, bundle_dir: Path) -> None:
+    m = read_bundle(bundle_dir).manifest
+    before = metric_samples(client)
+    recs = records(pd.concat([generate_payments(7, seed=40), make_anomalies(5, seed=40)]))
+    recs[0]["merchant_category"] = "never_seen"
+    r = client.post("/v1/score", json={"records": recs})
+    flagged = sum(x["is_anomaly"] for x in r.json()["results"])
+    client.post("/v1/score", json={"records": [{**recs[1], "amount": "x"}]})
+    client.get(f"/v2/models/{m.name}/ready")
+    client.get("/some/random/path/123")
+    after = metric_samples(client)
+
+    def delta(metric: str, /, **labels: str) -> float:
+        return value(after, metric, **labels) - value(before, metric, **labels)
+
+    assert delta("vae_anomaly_records_scored_total") == 12
+    assert delta("vae_anomaly_anomalies_total") == flagged >= 4
+    assert delta("vae_anomaly_score_count") == 12
+    assert delta("vae_anomaly_batch_size_count") == 1
+    assert delta("vae_anomaly_batch_size_sum") == 12
+    assert delta("vae_anomaly_inference_seconds_count") == 1
+    unknown = [name for x in r.json()["results"] for name in x["unknown_categories"]]
+    assert unknown.count("merchant_category") == 2  # "never_seen" and a new_merchant anomaly
+    for name in ("merchant_category", "country"):
+        assert delta("vae_anomaly_unknown_category_total", feature=name) == unknown.count(name)
+    assert delta("vae_anomaly_invalid_records_total", reason="wrong_type") == 1
+    assert (
+        delta("vae_anomaly_http_requests_total", method="POST", route="/v1/score", status="200")
+        == 1
+    )
+    assert (
+        delta("vae_anomaly_http_requests_total", method="POST", route="/v1/score", status="422")
+        == 1
+    )
+    # routes are labelled by template, never by raw path
+    assert (
+        delta(
+            "vae_anomaly_http_requests_total",
+            method="GET",
+            route="/v2/models/{name}/ready",
+            status="200",
+        )
+        == 1
+    )
+    assert (
+        delta("vae_anomaly_http_requests_total", method="GET", route="unmatched", status="404") == 1
+    )
+    routes = {dict(k[1]).get("route") for k in after if k[0] == "vae_anomaly_http_requests_total"}
+    assert not any(r and m.name in r for r in routes)
+    assert delta("vae_anomaly_http_request_duration_seconds_count", route="/v1/score") == 2
+    assert (
+        value(
+            after,
+            "vae_anomaly_model_info",
+            name=m.name,
+            version=m.version,
+            score_type=m.default_score,
+        )
+        == 1
+    )
+    thr = m.thresholds[m.default_score].value
+    assert value(after, "vae_anomaly_threshold") == pytest.approx(thr)
+    assert value(after, "vae_anomaly_model_reloads_total", result="success") == 1
+    # the score histogram has buckets on both sides of the threshold
+    les = sorted(float(dict(k[1])["le"]) for k in after if k[0] == "vae_anomaly_score_bucket")
+    assert sum(le < thr for le in les) >= 5 and sum(thr < le < math.inf for le in les) >= 5
+    assert any(le == pytest.approx(thr, rel=1e-5) for le in les)
+
+
+def test_metrics_add_up_across_two_workers(bundle_dir: Path, tmp_path: Path) -> None:
+    mp = tmp_path / "prom"
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(mp), "VAE_ANOMALY_UNKNOWN_FIELDS": "ignore"}
+    with run_server(
+        ["serve", "--bundle", str(bundle_dir), "--workers", "2"], tmp_path, env=env
+    ) as s:
+        recs = records(generate_payments(3, seed=41))
+        recs[0]["favourite_colour"] = "blue"  # ignored by this server's setting
+
+        def post(_: int) -> int:
+            # a new connection each time, so the kernel spreads them over the workers
+            with httpx.Client(base_url=s.url, timeout=30) as c:
+                return c.post("/v1/score", json={"records": recs}).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(post, range(60)))
+        assert statuses == [200] * 60
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            samples = metric_samples(c)
+        pids = {p.stem.rsplit("_", 1)[-1] for p in mp.glob("counter_*.db")}
+        assert len(pids) >= 2, "only one worker answered"
+        assert value(samples, "vae_anomaly_records_scored_total") == 180
+        assert (
+            value(
+                samples,
+                "vae_anomaly_http_requests_total",
+                method="POST",
+                route="/v1/score",
+                status="200",
+            )
+            == 60
+        )
+        assert value(samples, "vae_anomaly_batch_size_count") == 60
+        assert value(samples, "vae_anomaly_score_count") == 180
+        assert value(samples, "vae_anomaly_model_reloads_total", result="success") == 2
