@@ -8,7 +8,7 @@ A bundle is a directory holding exactly:
   when the bundle has such features. Outputs one float32 ``[N]`` tensor per score type (``elbo``,
   ``recon``, ``iwae``; higher = more anomalous) and ``attribution`` (float32 ``[N, n_features]``,
   each feature's share of the negative log-likelihood in excess of its median on normal data;
-  a row sums to 1, or less when its total excess is under 0.01 nats).
+  a row sums to 1, or less when its total excess is below that of 90% of normal records).
 - ``manifest.json``: :class:`Manifest`, everything else the service needs (feature schema and
   vocabularies, thresholds, the normal score distribution, metrics, config, sha256 of the model).
 - optionally a training report (``report.html`` and PNGs), never read by the service.

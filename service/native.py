@@ -270,10 +270,13 @@ async def score_records(
     """Score 1 to ``max_records`` records. Each result has the score, the verdict, the
     threshold, the percentile among normal records and the features that drove the score."""
     body = await read_json(request, settings.max_body_bytes)
-    columns, _ = records_to_columns(body, scorer.manifest, settings)
-    scored = await run_in_threadpool(scorer.score, columns, score)
     k = settings.explain if explain is None else explain
-    return JSON(results_json(scorer, scored, k))
+
+    def work() -> dict[str, Any]:  # validation and inference: CPU work, off the event loop
+        columns, _ = records_to_columns(body, scorer.manifest, settings)
+        return results_json(scorer, scorer.score(columns, score), k)
+
+    return JSON(await run_in_threadpool(work))
 
 
 @router.get("/model", summary="The model being served")

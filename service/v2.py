@@ -20,6 +20,7 @@ from service.bundle import BooleanFeature, CategoricalFeature, NumericFeature
 from service.errors import BadRequest, NotFound
 from service.http import JSON, ScorerDep, SettingsDep, read_json
 from service.scoring import Scorer
+from service.settings import Settings
 
 NUMERIC_TYPES = {
     "FP16",
@@ -155,17 +156,8 @@ async def model_ready(name: str, scorer: ScorerDep, version: str | None = None) 
     return Response(status_code=200)
 
 
-@router.post("/models/{name}/infer", summary="Inference")
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference (a version)")
-async def infer(
-    name: str,
-    request: Request,
-    scorer: ScorerDep,
-    settings: SettingsDep,
-    version: str | None = None,
-) -> JSON:
-    _check_model(scorer, name, version)
-    body = await read_json(request, settings.max_body_bytes)
+def _infer(body: Any, scorer: Scorer, settings: Settings) -> dict[str, Any]:
+    """Validate an inference request, score it, build the response (CPU work: off the loop)."""
     if not isinstance(body, dict):
         raise BadRequest("the inference request must be a JSON object")
     inputs = body.get("inputs")
@@ -213,12 +205,8 @@ async def infer(
         bad = [o for o in names if o not in OUTPUTS]
         if bad:
             raise BadRequest(f"unknown output(s) {bad}; available: {list(OUTPUTS)}")
-    scored = await run_in_threadpool(scorer.score, columns, score_type)
-    data = {
-        "score": scored.score.tolist(),
-        "is_anomaly": scored.is_anomaly.tolist(),
-        "percentile": scored.percentile.tolist(),
-    }
+    scored = scorer.score(columns, score_type)
+    data = {"score": scored.score, "is_anomaly": scored.is_anomaly, "percentile": scored.percentile}
     out: dict[str, Any] = {
         "model_name": m.name,
         "model_version": m.version,
@@ -229,4 +217,18 @@ async def infer(
     }
     if "id" in body:
         out["id"] = body["id"]
-    return JSON(out)
+    return out
+
+
+@router.post("/models/{name}/infer", summary="Inference")
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference (a version)")
+async def infer(
+    name: str,
+    request: Request,
+    scorer: ScorerDep,
+    settings: SettingsDep,
+    version: str | None = None,
+) -> JSON:
+    _check_model(scorer, name, version)
+    body = await read_json(request, settings.max_body_bytes)
+    return JSON(await run_in_threadpool(_infer, body, scorer, settings))

@@ -77,6 +77,11 @@ def test_attribution_names_the_feature_that_was_changed(trained: Result) -> None
     assert (top == "tx_last_24h").mean() >= 0.9
     sums = out["attribution"].sum(1)
     assert np.all(sums <= 1.0 + 1e-5) and np.all(out["attribution"] >= 0)
+    assert np.median(sums) > 0.99  # an anomaly's excess is all explained
+    normal = generate_payments(500, seed=6)
+    cols = {f.name: normal[f.name].to_numpy() for f in feats}
+    normal_sums = model.run(encode_columns(feats, cols).inputs)["attribution"].sum(1)
+    assert 0.05 < np.median(normal_sums) < 0.8  # a typical record: small shares
 
 
 def test_missing_values_are_scored(trained: Result) -> None:

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 LOG_2PI = math.log(2 * math.pi)
 CLAMP = 1e4  # scaled numerics are clamped here so squares stay finite in float32
-ATTRIBUTION_FLOOR = 0.01  # nats
 
 
 @dataclass
@@ -194,6 +193,7 @@ class ScoringGraph(nn.Module):
 
     eps: Tensor
     baseline: Tensor
+    floor: Tensor
 
     def __init__(self, pre: Preprocess, vae: VAE, eps: Tensor, baseline: Tensor) -> None:
         super().__init__()
@@ -201,6 +201,9 @@ class ScoringGraph(nn.Module):
         self.vae = vae
         self.register_buffer("eps", eps)
         self.register_buffer("baseline", baseline)
+        # attribution divides by at least this much excess, so the features of a record that is
+        # no more unusual than a typical normal one get small shares, not a normalized 100%
+        self.register_buffer("floor", torch.tensor(0.01))
         self.has_num = pre.layout.n_num > 0
         self.has_cat = len(pre.layout.cat_sizes) > 0
 
@@ -236,6 +239,5 @@ class ScoringGraph(nn.Module):
         log_w = -rec + log_pz - log_qz
         iwae = -(torch.logsumexp(log_w, dim=1) - math.log(self.eps.shape[0]))
         excess = F.relu(nll.mean(1) - self.baseline)
-        # the floor keeps shares stable (and small) when a record has almost no excess at all
-        attribution = excess / torch.clamp(excess.sum(1, keepdim=True), min=ATTRIBUTION_FLOOR)
+        attribution = excess / torch.maximum(excess.sum(1, keepdim=True), self.floor)
         return elbo, recon, iwae, attribution

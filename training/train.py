@@ -221,11 +221,15 @@ def train_bundle(
     _, latent = model_sizes(layout, cfg)
     eps = torch.randn(cfg.samples, latent, generator=torch.Generator().manual_seed(cfg.seed + 2))
     graph = ScoringGraph(pre, vae, eps, torch.zeros(layout.n_features))
-    # attribution baseline: each feature's median NLL on (a sample of) the training rows
+    # attribution: each feature's NLL in excess of its median on (a sample of) the training
+    # rows, divided by at least the total excess of 90% of those rows
     with torch.no_grad():
         sample = _rows(normal, prep.train_idx[:EVAL_BATCH])
         nll, *_ = graph.per_sample_nll(*_tensors(sample))
-        graph.baseline.copy_(nll.mean(1).median(0).values)
+        feature_nll = nll.mean(1)
+        graph.baseline.copy_(feature_nll.median(0).values)
+        total = torch.relu(feature_nll - graph.baseline).sum(1)
+        graph.floor.copy_(torch.clamp(torch.quantile(total, 0.9), min=0.01))
     graph.eval()
 
     calib_inputs = _rows(normal, prep.calib_idx)

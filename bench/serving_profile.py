@@ -1,0 +1,93 @@
+"""Where a scoring request's time goes, and which onnxruntime thread setting serves it best.
+
+    python bench/serving_profile.py [--bundle DIR]   (default: the demo model, trained if absent)
+
+Prints medians over repeats, measured in this one run:
+1. onnxruntime call time by batch size with 1 and 2 intra-op threads;
+2. the steps of a native /v1/score request of 1, 64 and 1,000 records, in process (no HTTP):
+   validation, encoding + inference, building the result objects, JSON encoding (orjson vs the
+   standard library).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from service.features import encode_columns
+from service.native import records_to_columns, results_json
+from service.runtime import OnnxModel
+from service.scoring import Scorer
+from service.settings import Settings
+from training.demo_data import generate_payments
+
+
+def median_ms(fn: Callable[[], Any], repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path)
+    a = p.parse_args()
+    if a.bundle is None:
+        from training.cli import demo_bundle
+
+        a.bundle = demo_bundle(progress=False)
+    scorer = Scorer(a.bundle)
+    feats = scorer.manifest.features
+    df = generate_payments(4096, seed=123)
+    recs = [
+        {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+        for r in df.to_dict(orient="records")
+    ]
+
+    print(f"model: {scorer.manifest.name} {scorer.version}, {len(feats)} features")
+    print("\n1. onnxruntime call, median ms (rows/s)")
+    print(f"{'batch':>6} | {'1 thread':>22} | {'2 threads':>22}")
+    sessions = {t: OnnxModel(scorer.bundle.model_path, intra_op_threads=t) for t in (1, 2)}
+    for n in (1, 64, 1000, 4096):
+        inputs = encode_columns(feats, {f.name: df[f.name].to_numpy()[:n] for f in feats}).inputs
+        cells = []
+        for sess in sessions.values():
+            ms = median_ms(lambda s=sess, i=inputs: s.run(i), 200 if n <= 64 else 30)
+            cells.append(f"{ms:8.3f} ({n / ms * 1000:9.0f}/s)")
+        print(f"{n:>6} | {cells[0]:>22} | {cells[1]:>22}")
+
+    print("\n2. native request steps in process, median ms")
+    settings = Settings(bundle=a.bundle)
+    print(
+        f"{'records':>7} | {'validate':>8} | {'score':>8} | {'results':>8} | "
+        f"{'orjson':>8} | {'json':>8}"
+    )
+    for n in (1, 64, 1000):
+        body = {"records": [{**r} for r in recs[:n]]}
+        cols, _ = records_to_columns(body, scorer.manifest, settings)
+        scored = scorer.score(cols, None, observe=False)
+        res = results_json(scorer, scored, 3)
+        rep = 300 if n <= 64 else 30
+        v = median_ms(lambda b=body: records_to_columns(b, scorer.manifest, settings), rep)
+        s = median_ms(lambda c=cols: scorer.score(c, None, observe=False), rep)
+        r = median_ms(lambda sc=scored: results_json(scorer, sc, 3), rep)
+        oj = median_ms(lambda x=res: orjson.dumps(x), rep)
+        js = median_ms(lambda x=res: json.dumps(x), rep)
+        print(f"{n:>7} | {v:8.3f} | {s:8.3f} | {r:8.3f} | {oj:8.3f} | {js:8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
