@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -13,15 +14,16 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import __version__, logs, metrics, native, v2
+from service import __version__, admin, logs, metrics, native, v2
 from service.errors import InvalidRecords, ServiceError
 from service.http import JSON
+from service.lifecycle import ModelManager
 from service.scoring import Scorer
 from service.settings import Settings, load_settings
+from service.sink import NormalSink
 
 log = logging.getLogger("vae_anomaly")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -118,7 +120,7 @@ def install_openapi(app: FastAPI) -> None:
         schema = get_openapi(
             title=app.title, version=app.version, routes=app.routes, description=app.description
         )
-        scorer: Scorer | None = app.state.scorer
+        scorer: Scorer | None = app.state.models.scorer
         if scorer is not None:
             req = native.request_model(scorer.manifest, app.state.settings.max_records)
             js = req.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -140,32 +142,26 @@ def install_openapi(app: FastAPI) -> None:
 def create_app(settings: Settings) -> FastAPI:
     """The app for ``settings``; the model is loaded and warmed up at start-up."""
 
+    def on_swap(scorer: Scorer) -> None:
+        app.openapi_schema = None  # the request schema follows the model
+
+    models = ModelManager(settings, on_swap=on_swap)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.bundle is not None:
-            try:
-                scorer = await run_in_threadpool(
-                    Scorer, settings.bundle, threads=settings.inference_threads
-                )
-                await run_in_threadpool(scorer.warm_up)
-            except Exception:
-                metrics.MODEL_RELOADS.labels("failure").inc()
-                log.exception(
-                    "cannot load the model bundle", extra={"bundle": str(settings.bundle)}
-                )
-                raise
-            metrics.MODEL_RELOADS.labels("success").inc()
-            app.state.scorer = scorer
-            app.openapi_schema = None
-            log.info(
-                "model ready",
-                extra={
-                    "model": scorer.manifest.name,
-                    "version": scorer.version,
-                    "bundle": str(settings.bundle),
-                },
+        await models.start()
+        watcher = asyncio.create_task(models.watch()) if models.registry else None
+        if settings.sink_dir is not None:
+            app.state.sink = NormalSink(
+                settings.sink_dir, settings.sink_max_bytes, settings.sink_keep_files
             )
-        yield
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if app.state.sink is not None:
+                app.state.sink.close()
 
     app = FastAPI(
         title="vae-anomaly",
@@ -175,11 +171,14 @@ def create_app(settings: Settings) -> FastAPI:
         "autoencoder. Higher score = more anomalous.",
     )
     app.state.settings = settings
-    app.state.scorer = None
+    app.state.models = models
+    app.state.sink = None
+    app.state.admin_token = settings.admin_secret()
     install_error_handlers(app)
     install_openapi(app)
     app.include_router(native.router)
     app.include_router(v2.router)
+    app.include_router(admin.router)
 
     @app.get("/healthz", tags=["health"], summary="The process is alive")
     async def healthz() -> dict[str, str]:
@@ -187,7 +186,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz", tags=["health"], summary="A model is loaded and answered a warm-up call")
     async def readyz() -> JSON:
-        scorer: Scorer | None = app.state.scorer
+        scorer: Scorer | None = models.scorer
         if scorer is None or not scorer.ready:
             return JSON({"status": "not ready"}, status_code=503)
         return JSON({"status": "ready", "model": scorer.manifest.name, "version": scorer.version})

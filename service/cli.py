@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from service.bundle import BundleError
 from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 
@@ -29,18 +31,31 @@ def settings_from_args(a: argparse.Namespace, **extra: object) -> Settings:
 
 def serve(settings: Settings) -> int:
     """Check the bundle, then run uvicorn (blocking) with the settings passed to every worker."""
+    from service.registry import Registry, RegistryError
     from service.runtime import open_bundle
 
-    if settings.bundle is None:
-        print(f"error: no model: give --bundle DIR (or set {ENV_PREFIX}BUNDLE)", file=sys.stderr)
+    if settings.bundle is None and settings.registry is None:
+        print(
+            f"error: no model: give --bundle DIR or --registry DIR (or set {ENV_PREFIX}BUNDLE "
+            f"or {ENV_PREFIX}REGISTRY)",
+            file=sys.stderr,
+        )
         return 2
     try:
-        open_bundle(settings.bundle)  # refuse to start on a broken bundle, with the reason
-    except BundleError as e:
+        # refuse to start on a broken model or setting, with the reason
+        if settings.registry is not None:
+            open_bundle(Registry(settings.registry).read_serving())
+        else:
+            assert settings.bundle is not None
+            open_bundle(settings.bundle)
+        settings.admin_secret()
+    except (BundleError, RegistryError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # workers are separate processes: they read the same settings from the environment
     for name, value in settings.model_dump(exclude_none=True).items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         os.environ[f"{ENV_PREFIX}{name.upper()}"] = str(value)
     if settings.workers > 1:
         mp = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -73,15 +88,90 @@ def serve(settings: Settings) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     try:
-        settings = settings_from_args(a, bundle=a.bundle)
+        settings = settings_from_args(a, bundle=a.bundle, registry=a.registry)
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return serve(settings)
 
 
+def cmd_models(a: argparse.Namespace) -> int:
+    """list | show [VERSION] | promote VERSION | rollback | prune --keep N"""
+    import json
+
+    from service.registry import Registry, RegistryError
+
+    try:
+        reg = Registry(a.registry)
+        if a.action == "list":
+            p = reg.pointer()
+            versions = reg.versions()
+            if not versions:
+                print(f"{reg.root}: no versions yet")
+            for v in versions:
+                mark = (
+                    "serving"
+                    if v == p.serving
+                    else "rollback target"
+                    if v == p.rollback_target
+                    else ""
+                )
+                try:
+                    m = reg.read(v).manifest
+                    info = (
+                        f"{m.name}  created {m.created_at:%Y-%m-%d %H:%M:%S}  "
+                        f"rows {m.data.rows}  parent {m.parent_version or '-'}"
+                    )
+                except BundleError as e:
+                    info = f"BROKEN: {e}"
+                print(
+                    f"{'*' if mark == 'serving' else ' '} {v}  {info}"
+                    + (f"  [{mark}]" if mark else "")
+                )
+        elif a.action == "show":
+            version = a.version or reg.serving()
+            if version is None:
+                raise RegistryError("no version is serving; name one")
+            m = reg.read(version).manifest
+            print(
+                json.dumps(
+                    {k: v for k, v in m.model_dump(mode="json").items() if k != "distributions"},
+                    indent=2,
+                )
+            )
+        elif a.action == "promote":
+            if not a.version:
+                raise RegistryError("promote which version?")
+            p = reg.promote(a.version)
+            print(f"serving {p.serving} (rollback would return to {p.rollback_target or '-'})")
+        elif a.action == "rollback":
+            p = reg.rollback()
+            print(f"rolled back: serving {p.serving}")
+        elif a.action == "prune":
+            removed = reg.prune(a.keep)
+            print(
+                f"removed {len(removed)} version(s)"
+                + (": " + ", ".join(removed) if removed else "")
+            )
+    except (RegistryError, BundleError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    s = sub.add_parser("serve", help="serve a model bundle over HTTP")
-    s.add_argument("--bundle", type=Path, help="model bundle directory")
+    s = sub.add_parser("serve", help="serve a model bundle (or a registry's serving version)")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--bundle", type=Path, help="model bundle directory")
+    src.add_argument(
+        "--registry", type=Path, help="model registry: serve its serving version, follow promotions"
+    )
     add_serve_arguments(s)
     s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("models", help="list, show, promote, roll back or prune registry versions")
+    m.add_argument("action", choices=["list", "show", "promote", "rollback", "prune"])
+    m.add_argument("version", nargs="?", help="for show (default: serving) and promote")
+    m.add_argument("--registry", type=Path, required=True, help="the model registry")
+    m.add_argument("--keep", type=int, default=5, help="for prune: versions to keep (5)")
+    m.set_defaults(func=cmd_models)

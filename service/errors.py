@@ -40,3 +40,15 @@ class NotFound(ServiceError):
 
 class NotReady(ServiceError):
     status_code = 503
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+
+
+class Forbidden(ServiceError):
+    status_code = 403
+
+
+class Conflict(ServiceError):
+    status_code = 409

@@ -10,8 +10,9 @@ from fastapi import Depends, Request
 from fastapi.responses import Response
 
 from service.errors import InvalidJSON, NotReady, PayloadTooLarge
-from service.scoring import Scorer
+from service.scoring import Scored, Scorer
 from service.settings import Settings
+from service.sink import NormalSink
 
 
 class JSON(Response):
@@ -24,7 +25,8 @@ class JSON(Response):
 
 
 def get_scorer(request: Request) -> Scorer:
-    scorer: Scorer | None = request.app.state.scorer
+    """The scorer serving now; the request keeps it to the end, even if a new one swaps in."""
+    scorer: Scorer | None = request.app.state.models.scorer
     if scorer is None or not scorer.ready:
         raise NotReady("no model is ready yet")
     return scorer
@@ -33,6 +35,14 @@ def get_scorer(request: Request) -> Scorer:
 def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
+
+
+def sink_records(request: Request, scorer: Scorer, columns: Any, scored: Scored) -> None:
+    """Hand the records scored as normal to the sink, if one is configured."""
+    sink: NormalSink | None = request.app.state.sink
+    if sink is not None:
+        below = request.app.state.settings.sink_max_percentile
+        sink.offer(scorer.manifest, columns, scored.is_anomaly, scored.percentile, below)
 
 
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]

@@ -59,6 +59,10 @@ THRESHOLD = Gauge(
     multiprocess_mode="livemostrecent",
 )
 MODEL_RELOADS = Counter(f"{PREFIX}_model_reloads_total", "Model (re)loads", ["result"])
+SINK_WRITTEN = Counter(f"{PREFIX}_sink_records_total", "Normal records written to the sink")
+SINK_DROPPED = Counter(
+    f"{PREFIX}_sink_dropped_records_total", "Normal records dropped: the sink writer was behind"
+)
 
 _score: Histogram | None = None
 
@@ -74,16 +78,23 @@ def score_buckets(m: Manifest) -> list[float]:
     return sorted({round(float(b), 6) for b in [*qs, thr, *above]})
 
 
-def init_model_metrics(m: Manifest) -> Histogram:
-    """Describe the served model; create the score histogram (buckets from this model)."""
+def score_histogram(m: Manifest) -> Histogram:
+    """The score histogram; its buckets come from the first model served by this process
+    (Prometheus buckets cannot change while the process lives)."""
     global _score
-    MODEL_INFO.labels(m.name, m.version, m.default_score).set(1)
-    THRESHOLD.set(m.thresholds[m.default_score].value)
     if _score is None:
         _score = Histogram(
             f"{PREFIX}_score", f"Anomaly scores ({m.default_score})", buckets=score_buckets(m)
         )
     return _score
+
+
+def describe_model(new: Manifest, old: Manifest | None) -> None:
+    """model_info and threshold for the model now serving."""
+    if old is not None:
+        MODEL_INFO.labels(old.name, old.version, old.default_score).set(0)
+    MODEL_INFO.labels(new.name, new.version, new.default_score).set(1)
+    THRESHOLD.set(new.thresholds[new.default_score].value)
 
 
 def observe_many(hist: Histogram, values: np.ndarray) -> None:

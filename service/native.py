@@ -19,7 +19,7 @@ from service.bundle import (
     NumericFeature,
 )
 from service.errors import InvalidRecords
-from service.http import JSON, ScorerDep, SettingsDep, read_json
+from service.http import JSON, ScorerDep, SettingsDep, read_json, sink_records
 from service.scoring import Scored, Scorer, top_features
 from service.settings import Settings
 
@@ -274,7 +274,9 @@ async def score_records(
 
     def work() -> dict[str, Any]:  # validation and inference: CPU work, off the event loop
         columns, _ = records_to_columns(body, scorer.manifest, settings)
-        return results_json(scorer, scorer.score(columns, score), k)
+        scored = scorer.score(columns, score)
+        sink_records(request, scorer, columns, scored)
+        return results_json(scorer, scored, k)
 
     return JSON(await run_in_threadpool(work))
 

@@ -41,7 +41,7 @@ class Scorer:
         self.bundle, self.model = open_bundle(bundle, intra_op_threads=threads)
         self.manifest: Manifest = self.bundle.manifest
         self.feature_names = [f.name for f in self.manifest.features]
-        self.score_histogram = metrics.init_model_metrics(self.manifest)
+        self.score_histogram = metrics.score_histogram(self.manifest)
         self.ready = False
 
     @property

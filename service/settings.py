@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "VAE_ANOMALY_"
@@ -19,6 +19,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
     bundle: Path | None = Field(None, description="model bundle directory to serve")
+    registry: Path | None = Field(None, description="model registry: serve its serving version")
+    poll_interval: float = Field(2.0, gt=0, le=3600, description="seconds between pointer checks")
+    allow_schema_change: bool = Field(
+        False, description="accept a new version whose features (names, types) differ"
+    )
+    admin_token: SecretStr | None = Field(None, description="bearer token for /v1/admin/*")
+    admin_token_file: Path | None = Field(None, description="file holding the admin token")
+    sink_dir: Path | None = Field(None, description="write records scored as normal here (JSONL)")
+    sink_max_percentile: float = Field(90.0, gt=0, le=100, description="only records below this")
+    sink_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="rotate files at this size")
+    sink_keep_files: int = Field(20, ge=1, description="files kept per worker")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     workers: int = Field(1, ge=1, le=64, description="worker processes")
@@ -32,6 +43,24 @@ class Settings(BaseSettings):
     inference_threads: int = Field(1, ge=1, le=64, description="onnxruntime threads per worker")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @model_validator(mode="after")
+    def _one_model_source(self) -> Settings:
+        if self.bundle is not None and self.registry is not None:
+            raise ValueError("give a bundle or a registry, not both")
+        if self.admin_token is not None and self.admin_token_file is not None:
+            raise ValueError("give admin_token or admin_token_file, not both")
+        return self
+
+    def admin_secret(self) -> str | None:
+        """The admin token (from the variable or the file); None: admin endpoints are off."""
+        if self.admin_token is not None:
+            token = self.admin_token.get_secret_value()
+        elif self.admin_token_file is not None:
+            token = self.admin_token_file.read_text(encoding="utf-8").strip()
+        else:
+            return None
+        return token or None
+
 
 class SettingsError(ValueError):
     """A bad setting, with a message naming it (as its environment variable)."""
@@ -44,6 +73,7 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            name = ".".join(str(p) for p in err["loc"]) or "settings"
-            problems.append(f"{ENV_PREFIX}{name.upper()} ({name}): {err['msg']}")
+            name = ".".join(str(p) for p in err["loc"])
+            where = f"{ENV_PREFIX}{name.upper()} ({name})" if name else "settings"
+            problems.append(f"{where}: {err['msg']}")
         raise SettingsError("bad setting: " + "; ".join(problems)) from None

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from service import __version__
 from service.bundle import BooleanFeature, CategoricalFeature, NumericFeature
 from service.errors import BadRequest, NotFound
-from service.http import JSON, ScorerDep, SettingsDep, read_json
+from service.http import JSON, ScorerDep, SettingsDep, read_json, sink_records
 from service.scoring import Scorer
 from service.settings import Settings
 
@@ -129,7 +129,7 @@ async def live() -> Response:
 
 @router.get("/health/ready", summary="Server ready")
 async def ready(request: Request) -> Response:
-    scorer: Scorer | None = request.app.state.scorer
+    scorer: Scorer | None = request.app.state.models.scorer
     return Response(status_code=200 if scorer is not None and scorer.ready else 400)
 
 
@@ -156,7 +156,7 @@ async def model_ready(name: str, scorer: ScorerDep, version: str | None = None) 
     return Response(status_code=200)
 
 
-def _infer(body: Any, scorer: Scorer, settings: Settings) -> dict[str, Any]:
+def _infer(request: Request, body: Any, scorer: Scorer, settings: Settings) -> dict[str, Any]:
     """Validate an inference request, score it, build the response (CPU work: off the loop)."""
     if not isinstance(body, dict):
         raise BadRequest("the inference request must be a JSON object")
@@ -206,6 +206,7 @@ def _infer(body: Any, scorer: Scorer, settings: Settings) -> dict[str, Any]:
         if bad:
             raise BadRequest(f"unknown output(s) {bad}; available: {list(OUTPUTS)}")
     scored = scorer.score(columns, score_type)
+    sink_records(request, scorer, columns, scored)
     data = {"score": scored.score, "is_anomaly": scored.is_anomaly, "percentile": scored.percentile}
     out: dict[str, Any] = {
         "model_name": m.name,
@@ -231,4 +232,4 @@ async def infer(
 ) -> JSON:
     _check_model(scorer, name, version)
     body = await read_json(request, settings.max_body_bytes)
-    return JSON(await run_in_threadpool(_infer, body, scorer, settings))
+    return JSON(await run_in_threadpool(_infer, request, body, scorer, settings))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from service.cli import add_commands, add_serve_arguments
 
 if TYPE_CHECKING:
+    from training.config import TrainConfig
     from training.train import Result
 
 DEMO_ROWS = 20_000
@@ -63,43 +64,117 @@ def summary(r: Result) -> str:
     return "\n".join(lines)
 
 
-def cmd_train(a: argparse.Namespace) -> int:
+def _config(a: argparse.Namespace) -> TrainConfig:
     from training.config import load_config
-    from training.data import DataError, fingerprint, read_table
+
+    cfg = load_config(
+        a.config,
+        target_fpr=a.target_fpr,
+        default_score=a.score,
+        epochs=a.epochs,
+        seed=a.seed,
+        label_column=a.label_column,
+        name=a.name,
+    )
+    if a.exclude:
+        cfg.exclude = [*cfg.exclude, *a.exclude]
+    return cfg
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from service.bundle import BundleError
+    from service.registry import Registry, RegistryError, new_version
+    from training.data import fingerprint, read_table
     from training.export import ExportError
     from training.train import train_bundle
 
     try:
-        cfg = load_config(
-            a.config,
-            target_fpr=a.target_fpr,
-            default_score=a.score,
-            epochs=a.epochs,
-            seed=a.seed,
-            label_column=a.label_column,
-            name=a.name,
-        )
-        if a.exclude:
-            cfg.exclude = [*cfg.exclude, *a.exclude]
+        cfg = _config(a)
         df = read_table(a.data)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
+        reg = Registry(a.registry, create=True) if a.registry else None
+        version = new_version()
+        out = reg.version_path(version) if reg else a.out
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # third-party chatter; our own notes are returned
             r = train_bundle(
                 df,
-                a.out,
+                out,
                 cfg,
                 source=str(a.data),
                 overwrite=a.overwrite,
                 data_fingerprint=fingerprint(a.data),
                 progress=not a.quiet,
+                version=version,
+                parent_version=reg.serving() if reg else None,
             )
-    except (DataError, ValueError, FileExistsError, ExportError) as e:
+        promoted = False
+        if reg is not None and reg.serving() is None:
+            reg.promote(version)  # the registry's first model serves at once
+            promoted = True
+    except (ValueError, OSError, ExportError, RegistryError, BundleError) as e:
         return _fail(str(e))
-    del caught  # third-party warnings are not the user's concern
     for w in r.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(summary(r))
+    if reg is not None:
+        print(
+            f"registry: {reg.root}: version {version} added"
+            + (
+                ", now serving (the registry had none)"
+                if promoted
+                else f"; serve it with: vae-anomaly models promote {version} --registry {reg.root}"
+            )
+        )
     return 0
+
+
+def cmd_retrain(a: argparse.Namespace) -> int:
+    from service.bundle import BundleError
+    from service.registry import Registry, RegistryError
+    from training.export import ExportError
+    from training.retrain import retrain
+
+    try:
+        cfg = _config(a)
+        reg = Registry(a.registry)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rt = retrain(
+                a.data,
+                reg,
+                cfg,
+                warm_start=a.warm_start,
+                window=a.window,
+                gate_fraction=a.gate_fraction,
+                max_fpr=a.max_fpr,
+                auc_margin=a.auc_margin,
+                force=a.force,
+                progress=not a.quiet,
+            )
+    except (ValueError, OSError, ExportError, RegistryError, BundleError) as e:
+        return _fail(str(e))
+    for w in rt.result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(summary(rt.result))
+    width = max(len(r[0]) for r in rt.table)
+    print(f"\n{'':{width}}  {'serving ' + (rt.parent or '-'):>34}  {'new ' + rt.version:>34}")
+    for measure, old, new in rt.table:
+        print(f"{measure:{width}}  {old:>34}  {new:>34}")
+    print("\ngate:")
+    for c in rt.checks:
+        print(f"  [{'pass' if c.passed else 'FAIL'}] {c.name}: {c.detail}")
+    if rt.promoted:
+        why = "gate passed" if rt.passed else ("forced" if a.force else "no serving version")
+        print(
+            f"promoted {rt.version} ({why}); roll back with: vae-anomaly models rollback "
+            f"--registry {reg.root}"
+        )
+        return 0
+    print(
+        f"not promoted: the gate failed; {rt.version} stays in the registry "
+        "(promote it anyway with --force or `vae-anomaly models promote`)"
+    )
+    return 3
 
 
 def cmd_sample_data(a: argparse.Namespace) -> int:
@@ -159,13 +234,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return serve(settings)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vae-anomaly", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="fit a model on normal records and write a bundle")
-    t.add_argument("data", type=Path, help="CSV, Parquet or JSON Lines file of normal records")
-    t.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+def _training_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--config", type=Path, help="TOML or JSON file of training settings")
     t.add_argument("--target-fpr", type=float, help="false-positive rate of the alarm (0.01)")
     t.add_argument("--score", choices=["elbo", "recon", "iwae"], help="default score type")
@@ -178,9 +247,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="0/1 column; rows with 1 are kept out of training and used to evaluate",
     )
     t.add_argument("--name", help="model name (default: the data file's name)")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vae-anomaly", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fit a model on normal records and write a bundle")
+    t.add_argument("data", type=Path, help="CSV, Parquet or JSON Lines file of normal records")
+    where = t.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="bundle directory to create")
+    where.add_argument("--registry", type=Path, help="model registry to add a version to")
+    _training_options(t)
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("retrain", help="fit a new version on new normal data; gate; promote")
+    r.add_argument(
+        "data",
+        type=Path,
+        help="new normal records: a file, or a folder of .jsonl (the service's sink)",
+    )
+    r.add_argument("--registry", type=Path, required=True, help="the model registry")
+    r.add_argument(
+        "--warm-start", action="store_true", help="start from the serving version's weights"
+    )
+    r.add_argument("--window", type=int, metavar="N", help="use only the last N records")
+    r.add_argument(
+        "--gate-fraction",
+        type=float,
+        default=0.2,
+        help="share of the new normal records held out for the gate (0.2)",
+    )
+    r.add_argument(
+        "--max-fpr",
+        type=float,
+        help="highest false-positive rate the gate accepts (default: about 2x target)",
+    )
+    r.add_argument(
+        "--auc-margin",
+        type=float,
+        default=0.02,
+        help="how much lower than the serving model's the ROC-AUC may be (0.02)",
+    )
+    r.add_argument("--force", action="store_true", help="promote even if the gate fails")
+    _training_options(r)
+    r.set_defaults(func=cmd_retrain)
 
     s = sub.add_parser("sample-data", help="write sample payment records (the demo data)")
     s.add_argument("--out", type=Path, required=True, help=".csv, .parquet or .jsonl file")

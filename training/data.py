@@ -41,8 +41,17 @@ class DataError(ValueError):
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read CSV (with a header), Parquet or JSON Lines, chosen by the file's extension."""
+    """Read CSV (with a header), Parquet or JSON Lines, chosen by the file's extension; or a
+    folder of JSON Lines files (such as the service's normal-record sink), in name order."""
     p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.jsonl"))
+        if not files:
+            raise DataError(f"{p}: a folder, but with no .jsonl files in it")
+        frames = [read_table(f) for f in files if f.stat().st_size > 0]
+        if not frames:
+            raise DataError(f"{p}: every .jsonl file in it is empty")
+        return pd.concat(frames, ignore_index=True)
     kind = READERS.get(p.suffix.lower())
     if kind is None:
         raise DataError(f"{p}: unknown file type {p.suffix!r}; use .csv, .parquet or .jsonl")
@@ -73,8 +82,14 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def fingerprint(path: str | Path) -> str:
+    """sha256 of the file (of the .jsonl files' digests, for a folder)."""
+    p = Path(path)
+    if p.is_dir():
+        return hashlib.sha256(
+            "".join(fingerprint(f) for f in sorted(p.glob("*.jsonl"))).encode()
+        ).hexdigest()
     h = hashlib.sha256()
-    with Path(path).open("rb") as f:
+    with p.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

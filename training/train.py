@@ -11,7 +11,6 @@ import copy
 import math
 import os
 import platform
-import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +43,7 @@ from service.bundle import (
     write_bundle_atomic,
 )
 from service.features import encode_columns
+from service.registry import new_version
 from service.runtime import OnnxModel
 from training import calibrate, report
 from training.config import TrainConfig
@@ -83,6 +83,7 @@ class History:
     val_loss: list[float] = field(default_factory=list)
     best_epoch: int = 0
     seconds: float = 0.0
+    warm_started_tensors: int = 0
 
 
 def _batches(n: int, size: int) -> list[slice]:
@@ -100,17 +101,28 @@ def fit(
     val: tuple[torch.Tensor | None, torch.Tensor | None],
     cfg: TrainConfig,
     progress: bool = True,
+    init_weights: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Preprocess, VAE, History]:
-    """Train by minimizing reconstruction NLL + beta * KL; keep the best validation epoch."""
+    """Train by minimizing reconstruction NLL + beta * KL; keep the best validation epoch.
+
+    ``init_weights`` (a warm start) sets every VAE parameter it has under the same name and shape.
+    """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     hidden, latent = model_sizes(layout, cfg)
     pre, vae = Preprocess(layout), VAE(layout, hidden, latent, cfg.min_std)
+    warm = 0
+    if init_weights:
+        own = vae.state_dict()
+        usable = {k: v for k, v in init_weights.items() if k in own and own[k].shape == v.shape}
+        vae.load_state_dict(usable, strict=False)
+        warm = len(usable)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = (x_num if x_num is not None else x_cat).shape[0]  # type: ignore[union-attr]
     n_val = (val[0] if val[0] is not None else val[1]).shape[0]  # type: ignore[union-attr]
     val_noise = torch.randn(n_val, latent, generator=torch.Generator().manual_seed(cfg.seed + 1))
     hist, best, best_state, stale = History(), math.inf, copy.deepcopy(vae.state_dict()), 0
+    hist.warm_started_tensors = warm
     start = time.perf_counter()
     bar = tqdm(
         range(cfg.epochs), desc="training", unit="epoch", disable=not progress, dynamic_ncols=True
@@ -180,11 +192,6 @@ def score_all(session: OnnxModel, inputs: dict[str, np.ndarray]) -> dict[str, np
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 
-def new_version() -> str:
-    """Sortable and unique: UTC time to the microsecond, then a random suffix."""
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
-
-
 @dataclass
 class Result:
     path: Path
@@ -203,6 +210,8 @@ def train_bundle(
     overwrite: bool = False,
     progress: bool = True,
     parent_version: str | None = None,
+    version: str | None = None,
+    init_weights: dict[str, torch.Tensor] | None = None,
 ) -> Result:
     """Train on the records of ``df`` and write a bundle at ``out``. Nothing is written on error."""
     cfg.validate()
@@ -216,7 +225,7 @@ def train_bundle(
     normal = encode_columns(prep.features, prep.columns).inputs
     x_num, x_cat = _tensors(_rows(normal, prep.train_idx))
     val_inputs = _rows(normal, prep.val_idx)
-    pre, vae, hist = fit(layout, x_num, x_cat, _tensors(val_inputs), cfg, progress)
+    pre, vae, hist = fit(layout, x_num, x_cat, _tensors(val_inputs), cfg, progress, init_weights)
 
     _, latent = model_sizes(layout, cfg)
     eps = torch.randn(cfg.samples, latent, generator=torch.Generator().manual_seed(cfg.seed + 2))
@@ -237,7 +246,7 @@ def train_bundle(
         encode_columns(prep.features, prep.anomalies).inputs if prep.n_anomalies else {}
     )
     name = cfg.name or Path(source).stem or "model"
-    version = new_version()
+    version = version or new_version()
 
     def fill(tmp: Path) -> None:
         model_path = tmp / MODEL_FILE
@@ -253,6 +262,7 @@ def train_bundle(
             "epochs_run": len(hist.val_loss),
             "validation_loss": hist.val_loss[hist.best_epoch],
             "train_seconds": round(hist.seconds, 3),
+            "warm_started_tensors": hist.warm_started_tensors,
         }
         for st in SCORE_TYPES:
             value, method = calibrate.threshold_for_fpr(calib[st], cfg.target_fpr)
