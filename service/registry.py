@@ -38,9 +38,10 @@ HISTORY_LIMIT = 100
 STALE_SECONDS = 3600
 
 
-def new_version() -> str:
-    """Sortable and unique: UTC time to the microsecond, then a random suffix."""
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
+def new_version(at: datetime | None = None) -> str:
+    """Sortable and unique: UTC time (``at``, default now) to the microsecond, then a random
+    suffix."""
+    return (at or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
 
 
 class RegistryError(Exception):

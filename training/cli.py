@@ -83,7 +83,7 @@ def _config(a: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from service.bundle import BundleError
-    from service.registry import Registry, RegistryError, new_version
+    from service.registry import Registry, RegistryError
     from training.data import fingerprint, read_table
     from training.export import ExportError
     from training.train import train_bundle
@@ -92,21 +92,19 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg = _config(a)
         df = read_table(a.data)
         reg = Registry(a.registry, create=True) if a.registry else None
-        version = new_version()
-        out = reg.version_path(version) if reg else a.out
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # third-party chatter; our own notes are returned
             r = train_bundle(
                 df,
-                out,
+                reg.version_path if reg else a.out,
                 cfg,
                 source=str(a.data),
                 overwrite=a.overwrite,
                 data_fingerprint=fingerprint(a.data),
                 progress=not a.quiet,
-                version=version,
                 parent_version=reg.serving() if reg else None,
             )
+        version = r.manifest.version
         promoted = False
         if reg is not None and reg.serving() is None:
             reg.promote(version)  # the registry's first model serves at once

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from service.bundle import Bundle
 from service.features import encode_columns
-from service.registry import Registry, new_version
+from service.registry import Registry
 from service.runtime import OnnxModel
 from training import calibrate
 from training.config import TrainConfig
@@ -120,19 +120,18 @@ def retrain(
             hidden=cfg.hidden or parent.manifest.config.get("hidden"),
             latent=cfg.latent or parent.manifest.config.get("latent"),
         )
-    version = new_version()
     source = f"{Path(data).name}" + (f" (last {window} records)" if window else "")
     result = train_bundle(
         train_df,
-        registry.version_path(version),
+        registry.version_path,
         cfg,
         source=source,
         data_fingerprint=fingerprint(data),
         progress=progress,
         parent_version=serving,
-        version=version,
         init_weights=init,
     )
+    version = result.manifest.version
     new = registry.read(version)
     m = new.manifest
     target = m.target_fpr

@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,7 +203,7 @@ class Result:
 
 def train_bundle(
     df: pd.DataFrame,
-    out: str | Path,
+    out: str | Path | Callable[[str], Path],
     cfg: TrainConfig,
     *,
     source: str,
@@ -213,13 +214,19 @@ def train_bundle(
     version: str | None = None,
     init_weights: dict[str, torch.Tensor] | None = None,
 ) -> Result:
-    """Train on the records of ``df`` and write a bundle at ``out``. Nothing is written on error."""
+    """Train on the records of ``df`` and write a bundle at ``out``. Nothing is written on error.
+
+    ``out`` may be a function of the version (a registry's ``version_path``): the version and
+    created-at time are then stamped when training is over, so versions sort in the order
+    their bundles were made.
+    """
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (choose another --out, or --overwrite)")
+    if not callable(out):
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} already exists (choose another --out, or --overwrite)")
     prep: Prepared = prepare(df, cfg)
     layout = layout_of(prep.features)
     normal = encode_columns(prep.features, prep.columns).inputs
@@ -246,7 +253,9 @@ def train_bundle(
         encode_columns(prep.features, prep.anomalies).inputs if prep.n_anomalies else {}
     )
     name = cfg.name or Path(source).stem or "model"
-    version = version or new_version()
+    created = datetime.now(UTC)
+    version = version or new_version(created)
+    dest = out(version) if callable(out) else out
 
     def fill(tmp: Path) -> None:
         model_path = tmp / MODEL_FILE
@@ -283,7 +292,7 @@ def train_bundle(
             format_version=FORMAT_VERSION,
             name=name,
             version=version,
-            created_at=datetime.now(UTC),
+            created_at=created,
             parent_version=parent_version,
             features=prep.features,
             ignored_columns=prep.ignored,
@@ -324,5 +333,5 @@ def train_bundle(
         result_manifest.append(manifest)
 
     result_manifest: list[Manifest] = []
-    path = write_bundle_atomic(out, fill, overwrite=overwrite)
+    path = write_bundle_atomic(dest, fill, overwrite=overwrite)
     return Result(path=path, manifest=result_manifest[0], history=hist, warnings=prep.warnings)

@@ -1,0 +1,584 @@
+"""Model lifecycle: registry, retraining with a gate, hot reload under load, rollback."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+import pytest
+
+from service.bundle import MANIFEST_FILE, MODEL_FILE, read_bundle
+from service.registry import STALE_SECONDS, Registry, RegistryError, new_version
+from tests.conftest import Server, cli_executable, run_server, small_config
+from tests.test_service import metric_samples, records, value
+from training.cli import main
+from training.data import fingerprint
+from training.demo_data import generate_payments, labelled
+from training.train import train_bundle
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def add_version(reg: Registry, df: pd.DataFrame, seed: int, promote: bool = False) -> str:
+    v = new_version()
+    train_bundle(
+        df,
+        reg.version_path(v),
+        small_config(epochs=8, seed=seed),
+        source="t.csv",
+        data_fingerprint="t",
+        progress=False,
+        version=v,
+        parent_version=reg.serving(),
+    )
+    if promote:
+        reg.promote(v)
+    return v
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A registry with v1 serving and v2 (same features) not yet promoted."""
+    reg = Registry(tmp_path_factory.mktemp("reg") / "registry", create=True)
+    v1 = add_version(reg, generate_payments(1500, seed=60), seed=1, promote=True)
+    v2 = add_version(reg, generate_payments(1500, seed=61), seed=2)
+    return reg.root, v1, v2
+
+
+def fresh_registry(src: tuple[Path, str, str], tmp: Path) -> Registry:
+    shutil.copytree(src[0], tmp / "registry")
+    return Registry(tmp / "registry")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "pay.csv"
+    generate_payments(800, seed=62).to_csv(data, index=False)
+    reg_dir = str(tmp_path / "reg")
+    args = ["--epochs", "3", "--quiet", "--exclude", "transaction_id"]
+    code, out, _ = run(capsys, "train", str(data), "--registry", reg_dir, *args)
+    assert code == 0 and "now serving" in out
+    reg = Registry(reg_dir)
+    (v1,) = reg.versions()
+    assert reg.serving() == v1
+    versions = [v1]
+    for _ in range(2):
+        code, out, _ = run(capsys, "train", str(data), "--registry", reg_dir, *args)
+        assert code == 0 and "models promote" in out
+        versions = reg.versions()
+    v1, v2, v3 = versions
+    assert reg.serving() == v1  # adding a version does not promote it
+    m2 = reg.read(v2).manifest
+    assert m2.parent_version == v1 and m2.version == v2
+    assert m2.data.fingerprint == fingerprint(data) and m2.data.rows == 800
+
+    code, out, _ = run(capsys, "models", "list", "--registry", reg_dir)
+    assert code == 0 and out.count("\n") == 3 and f"* {v1}" in out
+    assert run(capsys, "models", "promote", v3, "--registry", reg_dir)[0] == 0
+    assert reg.serving() == v3 and reg.pointer().rollback_target == v1
+    code, out, _ = run(capsys, "models", "show", "--registry", reg_dir)
+    assert code == 0 and json.loads(out)["version"] == v3
+    # prune keeps the serving version and the rollback target, whatever their age
+    code, out, _ = run(capsys, "models", "prune", "--keep", "1", "--registry", reg_dir)
+    assert code == 0 and reg.versions() == [v1, v3]
+    assert run(capsys, "models", "rollback", "--registry", reg_dir)[0] == 0
+    assert reg.serving() == v1
+    code, _, err = run(capsys, "models", "rollback", "--registry", reg_dir)
+    assert code != 0 and "nothing to roll back" in err
+    code, _, err = run(capsys, "models", "promote", "nope", "--registry", reg_dir)
+    assert code != 0 and "nope" in err
+
+
+def test_versions_are_unique_and_ordered() -> None:
+    vs = [new_version() for _ in range(2000)]
+    assert len(set(vs)) == len(vs)
+    assert vs == sorted(vs)
+
+
+def test_two_trainings_finishing_together_get_distinct_versions(tmp_path: Path) -> None:
+    data = tmp_path / "pay.csv"
+    generate_payments(300, seed=63).to_csv(data, index=False)
+    cmd = [
+        cli_executable(),
+        "train",
+        str(data),
+        "--registry",
+        str(tmp_path / "reg"),
+        "--epochs",
+        "2",
+        "--quiet",
+        "--exclude",
+        "transaction_id",
+    ]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()
+    reg = Registry(tmp_path / "reg")
+    versions = reg.versions()
+    assert len(versions) == 2
+    created = [reg.read(v).manifest.created_at for v in versions]
+    assert created == sorted(created)
+    assert reg.serving() in versions
+
+
+def test_promote_refuses_a_broken_version(
+    two_versions: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    reg = fresh_registry(two_versions, tmp_path)
+    _, v1, v2 = two_versions
+    with (reg.version_path(v2) / MODEL_FILE).open("ab") as f:
+        f.write(b"x")
+    with pytest.raises(RegistryError, match="broken"):
+        reg.promote(v2)
+    assert reg.serving() == v1
+
+
+KILLER = """
+import sys
+from service.registry import Registry
+reg = Registry(sys.argv[1])
+a, b = sys.argv[2], sys.argv[3]
+print("go", flush=True)
+while True:
+    reg.promote(b, verify=False)
+    reg.promote(a, verify=False)
+    reg.rollback()
+"""
+
+
+def test_killing_a_pointer_writer_leaves_the_registry_valid(
+    two_versions: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    reg = fresh_registry(two_versions, tmp_path)
+    _, v1, v2 = two_versions
+    rng = random.Random(0)
+    for _ in range(15):
+        p = subprocess.Popen(
+            [sys.executable, "-c", KILLER, str(reg.root), v1, v2], cwd=ROOT, stdout=subprocess.PIPE
+        )
+        assert p.stdout is not None and p.stdout.readline().strip() == b"go"
+        time.sleep(rng.uniform(0.01, 0.3))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        pointer = reg.pointer()  # parses
+        assert pointer.serving in (v1, v2)
+        assert set(pointer.history) <= {v1, v2}
+        assert reg.read_serving().manifest.version == pointer.serving  # verifies
+    assert reg.versions() == [v1, v2]
+
+
+def test_killing_a_training_mid_write_leaves_the_registry_valid(
+    two_versions: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    reg = fresh_registry(two_versions, tmp_path)
+    _, v1, v2 = two_versions
+    data = tmp_path / "pay.csv"
+    generate_payments(3000, seed=64).to_csv(data, index=False)
+    cmd = [
+        cli_executable(),
+        "train",
+        str(data),
+        "--registry",
+        str(reg.root),
+        "--epochs",
+        "30",
+        "--quiet",
+        "--exclude",
+        "transaction_id",
+    ]
+    leftovers_seen = False
+    for delay in (3.0, 5.0, 7.0, 9.0):
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        complete = reg.versions()
+        assert complete[:2] == [v1, v2]
+        for v in complete:
+            read_bundle(reg.version_path(v))  # every listed version is whole and verifies
+        assert reg.serving() == v1
+        leftovers_seen |= any((reg.root / "versions").glob(".*"))
+    # leftovers of killed writers are cleaned by prune once they are stale
+    for d in (reg.root / "versions").glob(".*"):
+        old = time.time() - STALE_SECONDS - 10
+        os.utime(d, (old, old))
+    reg.prune(keep=10)
+    assert not list((reg.root / "versions").glob(".*"))
+    assert reg.serving() == v1
+    del leftovers_seen  # whether a kill landed mid-write depends on timing; validity does not
+
+
+# ---------------------------------------------------------------- retraining
+
+
+@pytest.fixture(scope="module")
+def serving_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("retrain")
+    data = tmp / "old.csv"
+    generate_payments(3000, seed=65).to_csv(data, index=False)
+    assert (
+        main(
+            [
+                "train",
+                str(data),
+                "--registry",
+                str(tmp / "reg"),
+                "--epochs",
+                "25",
+                "--quiet",
+                "--exclude",
+                "transaction_id",
+            ]
+        )
+        == 0
+    )
+    return tmp / "reg"
+
+
+def test_retrain_on_drifted_data_passes_the_gate_and_promotes(
+    serving_registry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reg_dir = tmp_path / "reg"
+    shutil.copytree(serving_registry, reg_dir)
+    old = Registry(reg_dir).serving()
+    df = labelled(3000, 100, seed=66)
+    df["amount"] = (df["amount"] * 3).round(2)  # prices went up: yesterday's normal drifted
+    data = tmp_path / "new.csv"
+    df.to_csv(data, index=False)
+    code, out, err = run(
+        capsys,
+        "retrain",
+        str(data),
+        "--registry",
+        str(reg_dir),
+        "--epochs",
+        "25",
+        "--quiet",
+        "--exclude",
+        "transaction_id",
+        "--label-column",
+        "is_anomaly",
+        "--warm-start",
+    )
+    assert code == 0, err
+    reg = Registry(reg_dir)
+    new = reg.serving()
+    assert new != old and "[pass]" in out and "promoted" in out
+    m = reg.read(new).manifest
+    assert m.parent_version == old
+    assert m.metrics["warm_started_tensors"] > 0
+    assert "is_anomaly" in m.ignored_columns
+    assert "ROC-AUC" in out
+    # the serving model alarms far too often on the drifted data; the new one does not
+    row = next(line for line in out.splitlines() if line.startswith("false-positive rate"))
+    old_fpr, new_fpr = (float(x) for x in row.split()[-2:])
+    assert old_fpr > 0.05 and new_fpr < 0.03
+
+
+def test_retrain_gate_failure_does_not_promote_unless_forced(
+    serving_registry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reg_dir = tmp_path / "reg"
+    shutil.copytree(serving_registry, reg_dir)
+    reg = Registry(reg_dir)
+    old = reg.serving()
+    data = tmp_path / "new.csv"
+    labelled(1500, 60, seed=67).to_csv(data, index=False)
+    common = [
+        "--registry",
+        str(reg_dir),
+        "--epochs",
+        "5",
+        "--quiet",
+        "--exclude",
+        "transaction_id",
+        "--label-column",
+        "is_anomaly",
+    ]
+    # the ROC-AUC check demands a new AUC above the serving one + 0.5: it cannot pass
+    code, out, _ = run(capsys, "retrain", str(data), *common, "--auc-margin", "-0.5")
+    assert code == 3 and "[FAIL]" in out and "not promoted" in out
+    assert reg.serving() == old and len(reg.versions()) == 2
+    code, out, _ = run(
+        capsys, "retrain", str(data), *common, "--max-fpr", "0", "--auc-margin", "-0.5", "--force"
+    )
+    assert code == 0 and "forced" in out
+    assert reg.serving() != old and len(reg.versions()) == 3
+
+
+# ---------------------------------------------------------------- hot reload in the service
+
+
+class Load:
+    """A steady request load from two client threads, recording every response."""
+
+    def __init__(self, url: str, recs: list[dict[str, Any]]) -> None:
+        self.url, self.recs = url, recs
+        self.results: list[tuple[int, str | None]] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run) for _ in range(2)]
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as c:
+            deadline = time.monotonic() + 120  # bounded, whatever happens
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                try:
+                    r = c.post("/v1/score", json={"records": self.recs})
+                    version = r.json()["model"]["version"] if r.status_code == 200 else None
+                    self.results.append((r.status_code, version))
+                except httpx.HTTPError:
+                    self.results.append((0, None))
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def wait_for(self, version: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.results and self.results[-1][1] == version:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"responses never switched to {version}")
+
+
+@pytest.fixture
+def reg_server(
+    two_versions: tuple[Path, str, str], tmp_path: Path
+) -> Iterator[tuple[Server, Registry]]:
+    reg = fresh_registry(two_versions, tmp_path)
+    env = {"VAE_ANOMALY_POLL_INTERVAL": "0.3", "VAE_ANOMALY_ADMIN_TOKEN": "s3cret"}
+    with run_server(["serve", "--registry", str(reg.root)], tmp_path, env=env) as s:
+        yield s, reg
+
+
+def test_promote_and_rollback_under_load_fail_no_request(
+    reg_server: tuple[Server, Registry], two_versions: tuple[Path, str, str]
+) -> None:
+    server, reg = reg_server
+    _, v1, v2 = two_versions
+    recs = records(generate_payments(5, seed=68))
+    with Load(server.url, recs) as load:
+        time.sleep(1.0)
+        reg.promote(v2)
+        load.wait_for(v2)
+        time.sleep(0.5)
+        reg.rollback()
+        load.wait_for(v1)
+        time.sleep(0.5)
+    statuses = [s for s, _ in load.results]
+    assert len(statuses) > 50
+    assert set(statuses) == {200}, f"failed requests: {[s for s in statuses if s != 200]}"
+    seen = [v for _, v in load.results]
+    switches = [seen[0]] + [b for a, b in itertools.pairwise(seen) if a != b]
+    assert switches[0] == v1 and v2 in switches and switches[-1] == v1
+    with httpx.Client(base_url=server.url) as c:
+        samples = metric_samples(c)
+        assert value(samples, "vae_anomaly_model_reloads_total", result="success") == 3
+        assert value(
+            samples, "vae_anomaly_model_info", name="payments", version=v1, score_type="elbo"
+        ) in (0, 1)
+        info = {
+            dict(k[1])["version"]: v for k, v in samples.items() if k[0] == "vae_anomaly_model_info"
+        }
+        assert info[v1] == 1 and info[v2] == 0
+        assert c.get("/readyz").json()["version"] == v1
+
+
+def test_admin_reload_needs_the_token(
+    reg_server: tuple[Server, Registry], two_versions: tuple[Path, str, str]
+) -> None:
+    server, reg = reg_server
+    _, v1, v2 = two_versions
+    with httpx.Client(base_url=server.url) as c:
+        assert c.post("/v1/admin/reload").status_code == 401
+        assert (
+            c.post("/v1/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 403
+        )
+        ok = c.post("/v1/admin/reload", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json() == {
+            "changed": False,
+            "version": v1,
+            "previous": None,
+        }
+        reg.promote(v2)
+        r = c.post("/v1/admin/reload", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200
+        # the poller may have been quicker; either way v2 serves now
+        assert r.json()["version"] == v2
+        assert c.get("/readyz").json()["version"] == v2
+    assert "s3cret" not in server.logs()
+
+
+def test_admin_endpoints_are_off_without_a_token(bundle_dir: Path, tmp_path: Path) -> None:
+    with run_server(["serve", "--bundle", str(bundle_dir)], tmp_path) as s:
+        r = httpx.post(f"{s.url}/v1/admin/reload", headers={"Authorization": "Bearer x"})
+        assert r.status_code == 404 and "off" in r.json()["error"]
+
+
+def _broken_copy(reg: Registry, good: str, how: str, tmp: Path) -> str:
+    v = new_version()
+    dst = reg.version_path(v)
+    stage = tmp / f"stage-{how}"
+    shutil.copytree(reg.version_path(good), stage)
+    manifest = json.loads((stage / MANIFEST_FILE).read_text())
+    manifest["version"] = v
+    if how == "checksum":
+        with (stage / MODEL_FILE).open("r+b") as f:
+            f.seek(200)
+            f.write(b"\x00\x01\x02")
+    elif how == "format":
+        manifest["format_version"] = 99
+    elif how == "onnx":
+        import hashlib
+
+        garbage = b"not an onnx model at all"
+        (stage / MODEL_FILE).write_bytes(garbage)
+        manifest["model"]["sha256"] = hashlib.sha256(garbage).hexdigest()
+    (stage / MANIFEST_FILE).write_text(json.dumps(manifest))
+    os.rename(stage, dst)
+    return v
+
+
+def test_broken_versions_are_refused_and_the_old_model_keeps_serving(
+    reg_server: tuple[Server, Registry], two_versions: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    server, reg = reg_server
+    _, v1, v2 = two_versions
+    # a good model whose features differ (no `device` column): refused unless allowed
+    other = new_version()
+    train_bundle(
+        generate_payments(800, seed=69).drop(columns=["device"]),
+        reg.version_path(other),
+        small_config(epochs=3),
+        source="t.csv",
+        data_fingerprint="t",
+        progress=False,
+        version=other,
+    )
+    cases = {how: _broken_copy(reg, v2, how, tmp_path) for how in ("checksum", "format", "onnx")}
+    cases["schema"] = other
+    reasons = {
+        "checksum": "sha256",
+        "format": "format version",
+        "onnx": "onnxruntime",
+        "schema": "changes the features",
+    }
+    recs = records(generate_payments(3, seed=70))
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for how, v in cases.items():
+            before = value(metric_samples(c), "vae_anomaly_model_reloads_total", result="failure")
+            reg.promote(v, verify=False)  # as if it broke after promotion
+            deadline = time.monotonic() + 10
+            while (
+                value(metric_samples(c), "vae_anomaly_model_reloads_total", result="failure")
+                == before
+            ):
+                assert time.monotonic() < deadline, f"{how}: no refusal counted"
+                time.sleep(0.1)
+            r = c.post("/v1/score", json={"records": recs})
+            assert r.status_code == 200 and r.json()["model"]["version"] == v1, how
+            assert c.get("/readyz").status_code == 200
+            assert reasons[how] in server.logs(), f"{how}: the log does not say why"
+            # an admin reload is refused too, with the reason
+            r = c.post("/v1/admin/reload", headers={"Authorization": "Bearer s3cret"})
+            assert r.status_code == 409 and reasons[how] in r.json()["error"]
+        # a good version still goes through after all that
+        reg.promote(v2)
+        deadline = time.monotonic() + 10
+        while c.get("/readyz").json()["version"] != v2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def test_every_worker_converges_to_the_new_version(
+    two_versions: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    reg = fresh_registry(two_versions, tmp_path)
+    _, v1, v2 = two_versions
+    assert reg.serving() == v1
+    interval = 0.5
+    env = {
+        "VAE_ANOMALY_POLL_INTERVAL": str(interval),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
+    }
+    with run_server(
+        ["serve", "--registry", str(reg.root), "--workers", "2"], tmp_path, env=env
+    ) as s:
+        recs = records(generate_payments(2, seed=71))
+        reg.promote(v2)
+        time.sleep(interval + 2.0)  # a poll, plus loading and warming up the new model
+        versions = set()
+        for _ in range(30):
+            with httpx.Client(base_url=s.url, timeout=30) as c:  # new connections
+                versions.add(c.post("/v1/score", json={"records": recs}).json()["model"]["version"])
+        assert versions == {v2}
+        pids = {p.stem.rsplit("_", 1)[-1] for p in (tmp_path / "prom").glob("counter_*.db")}
+        assert len(pids) >= 2
+
+
+# ---------------------------------------------------------------- the normal-record sink
+
+
+def test_sink_collects_normal_records_for_retraining(
+    serving_registry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reg_dir = tmp_path / "reg"
+    shutil.copytree(serving_registry, reg_dir)
+    sink = tmp_path / "sink"
+    env = {
+        "VAE_ANOMALY_SINK_DIR": str(sink),
+        "VAE_ANOMALY_SINK_MAX_PERCENTILE": "95",
+        "VAE_ANOMALY_SINK_MAX_BYTES": "20000",
+    }
+    kept = 0
+    with (
+        run_server(["serve", "--registry", str(reg_dir)], tmp_path, env=env) as s,
+        httpx.Client(base_url=s.url, timeout=30) as c,
+    ):
+        for seed in range(3):
+            recs = records(generate_payments(100, seed=80 + seed))
+            res = c.post("/v1/score", json={"records": recs}).json()["results"]
+            kept += sum(1 for x in res if not x["is_anomaly"] and x["percentile"] < 95)
+        time.sleep(1.0)
+        written = value(metric_samples(c), "vae_anomaly_sink_records_total")
+    files = sorted(sink.glob("normal-*.jsonl"))
+    lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert written == kept == len(lines) and kept > 200
+    assert len(files) > 1  # rotated at 20 kB
+    assert isinstance(lines[0]["card_present"], bool) and "amount" in lines[0]
+    code, out, err = run(
+        capsys, "retrain", str(sink), "--registry", str(reg_dir), "--epochs", "5", "--quiet"
+    )
+    assert code in (0, 3), err
+    assert "gate:" in out
