@@ -58,6 +58,14 @@ THRESHOLD = Gauge(
     "Alarm threshold of the default score type",
     multiprocess_mode="livemostrecent",
 )
+TARGET_FPR = Gauge(
+    f"{PREFIX}_target_fpr",
+    "False-positive rate the threshold was calibrated for",
+    multiprocess_mode="livemostrecent",
+)
+READY = Gauge(
+    f"{PREFIX}_ready", "1 when a model is loaded and warmed up", multiprocess_mode="livemax"
+)
 MODEL_RELOADS = Counter(f"{PREFIX}_model_reloads_total", "Model (re)loads", ["result"])
 SINK_WRITTEN = Counter(f"{PREFIX}_sink_records_total", "Normal records written to the sink")
 SINK_DROPPED = Counter(
@@ -95,6 +103,8 @@ def describe_model(new: Manifest, old: Manifest | None) -> None:
         MODEL_INFO.labels(old.name, old.version, old.default_score).set(0)
     MODEL_INFO.labels(new.name, new.version, new.default_score).set(1)
     THRESHOLD.set(new.thresholds[new.default_score].value)
+    TARGET_FPR.set(new.target_fpr)
+    READY.set(1)
 
 
 def observe_many(hist: Histogram, values: np.ndarray) -> None:

@@ -192,10 +192,16 @@ def cmd_sample_data(a: argparse.Namespace) -> int:
     return 0
 
 
-def demo_bundle(progress: bool = True) -> Path:
-    """The demo model's bundle, trained on the sample payments the first time it is asked for."""
+def demo_bundle(progress: bool = True, registry: Path | None = None) -> Path:
+    """The demo model's bundle, trained on the sample payments the first time it is asked for
+    (in ``registry``, if given: added and promoted when the registry serves nothing yet)."""
+    from service.registry import Registry
+
+    reg = Registry(registry, create=True) if registry else None
+    if reg is not None and reg.serving():
+        return reg.version_path(reg.serving() or "")
     path = home() / "demo" / "payments"
-    if (path / "manifest.json").exists():
+    if reg is None and (path / "manifest.json").exists():
         return path
     from training.config import TrainConfig
     from training.demo_data import generate_payments
@@ -205,26 +211,36 @@ def demo_bundle(progress: bool = True) -> Path:
     cfg = TrainConfig(name="demo-payments", exclude=["transaction_id"], epochs=60)
     r = train_bundle(
         generate_payments(DEMO_ROWS, seed=0),
-        path,
+        reg.version_path if reg else path,
         cfg,
         source="sample-payments",
         data_fingerprint=f"generate_payments(n={DEMO_ROWS}, seed=0)",
         progress=progress,
     )
+    if reg is not None:
+        reg.promote(r.manifest.version)
     print(summary(r), file=sys.stderr)
-    return path
+    return r.path
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from service.cli import serve, settings_from_args
+    from service.registry import RegistryError
     from service.settings import SettingsError
 
     try:
         settings_from_args(a)  # a bad setting stops us before any training
-        path = demo_bundle(progress=not a.quiet)
-        settings = settings_from_args(a, bundle=path)
-    except SettingsError as e:
+        path = demo_bundle(progress=not a.quiet, registry=a.registry)
+        settings = (
+            settings_from_args(a, registry=a.registry)
+            if a.registry
+            else settings_from_args(a, bundle=path)
+        )
+    except (SettingsError, RegistryError, OSError) as e:
         return _fail(str(e))
+    if a.train_only:
+        print(f"demo model: {path}")
+        return 0
     print(
         f"serving the demo model {path} on http://{settings.host}:{settings.port} (try /docs)",
         file=sys.stderr,
@@ -307,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="serve the demo model (trained on sample data if absent)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument(
+        "--registry",
+        type=Path,
+        help="keep the demo model in this registry (trained there if it serves none)",
+    )
+    d.add_argument("--train-only", action="store_true", help="train if needed, do not serve")
     add_serve_arguments(d)
     d.set_defaults(func=cmd_demo)
 

@@ -1,0 +1,297 @@
+"""Deployment files: compose, Dockerfiles, Prometheus config and alert rules, Grafana, Kubernetes;
+and a real Prometheus server scraping the real service."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import Server, free_port, run_server
+from tests.test_service import records
+from training.demo_data import generate_payments, make_anomalies
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+PROM = DEPLOY / "prometheus"
+
+
+def tool(name: str) -> str:
+    """A command from the venv (pip-installed tools) or the system (Debian packages)."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    assert found, f"{name} is not installed (.ci/system-deps installs it)"
+    return found
+
+
+def ok(*cmd: str) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, f"{' '.join(cmd)}:\n{r.stdout}\n{r.stderr}"
+    return r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------- containers and compose
+
+
+def test_compose_file_parses_with_the_whole_stack() -> None:
+    out = ok(tool("docker-compose"), "-f", "docker-compose.yml", "config")
+    cfg = yaml.safe_load(out)
+    assert set(cfg["services"]) == {"trainer", "service", "prometheus", "grafana"}
+    svc = cfg["services"]["service"]
+    assert svc["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
+    assert any(
+        v == "models:/models:ro"
+        if isinstance(v, str)
+        else v.get("target") == "/models" and v.get("read_only")
+        for v in svc["volumes"]
+    )
+    assert "demo" in cfg["services"]["trainer"]["command"]
+
+
+def test_dockerfiles_lint_clean_and_follow_the_rules() -> None:
+    for f in ("Dockerfile.service", "Dockerfile.train"):
+        ok(tool("hadolint"), str(DEPLOY / f))
+    service = (DEPLOY / "Dockerfile.service").read_text()
+    instructions = [ln for ln in service.splitlines() if not ln.lstrip().startswith("#")]
+    assert not any("torch" in ln for ln in instructions) and '".[serve]"' in service
+    assert service.count("FROM ") == 2  # multi-stage
+    assert "USER 10001" in service and "HEALTHCHECK" in service and "/readyz" in service
+    assert 'VOLUME ["/models"]' in service
+    train = (DEPLOY / "Dockerfile.train").read_text()
+    assert "torch==2.13.0" in train and "USER 10001" in train
+    assert 'ENTRYPOINT ["vae-anomaly"]' in train
+
+
+# ---------------------------------------------------------------- Prometheus config and rules
+
+
+def test_prometheus_config_and_rules_check() -> None:
+    ok(tool("promtool"), "check", "config", str(PROM / "prometheus.yml"))
+    ok(tool("promtool"), "check", "rules", str(PROM / "rules.yml"))
+
+
+def test_every_alert_has_a_runbook_and_a_unit_test() -> None:
+    rules = yaml.safe_load((PROM / "rules.yml").read_text())["groups"][0]["rules"]
+    alerts = {r["alert"] for r in rules if "alert" in r}
+    assert alerts == {
+        "VaeAnomalyRateFarAboveTarget",
+        "VaeAnomalyRateZero",
+        "VaeAnomalyErrors",
+        "VaeAnomalyLatencyHigh",
+        "VaeAnomalyModelReloadFailed",
+        "VaeAnomalyNoModelReady",
+    }
+    assert all(r["annotations"]["runbook"] for r in rules if "alert" in r)
+    tests = yaml.safe_load((PROM / "rules_test.yml").read_text())["tests"]
+    fired = {t["alertname"] for case in tests for t in case["alert_rule_test"] if t["exp_alerts"]}
+    assert fired == alerts
+    out = ok(tool("promtool"), "test", "rules", str(PROM / "rules_test.yml"))
+    assert "SUCCESS" in out
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+
+SERVICE_MONITOR_SCHEMA = {  # the parts of the Prometheus Operator's CRD schema we use
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "properties": {
+                        "matchLabels": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string"},
+                        }
+                    },
+                },
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def test_kubernetes_manifests_validate() -> None:
+    core = sorted(p for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "servicemonitor.yaml")
+    out = ok(tool("kubernetes-validate"), "--strict", *map(str, core))
+    kinds = {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "CronJob",
+        "PersistentVolumeClaim",
+    }
+    assert all(k.lower() in out for k in kinds), out
+    sm = yaml.safe_load((DEPLOY / "k8s" / "servicemonitor.yaml").read_text())
+    jsonschema.validate(sm, SERVICE_MONITOR_SCHEMA)
+    dep = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+
+
+# ---------------------------------------------------------------- a real Prometheus, scraping
+
+
+def prometheus_query(url: str, expr: str) -> list[dict[str, Any]]:
+    r = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+@pytest.fixture
+def prometheus_on(tmp_path: Path) -> Iterator[Any]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(target: str) -> str:
+        port = free_port()
+        rules = tmp_path / "rules.yml"
+        shutil.copy(PROM / "rules.yml", rules)
+        cfg = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(rules)],
+            "scrape_configs": [
+                {"job_name": "vae-anomaly", "static_configs": [{"targets": [target]}]}
+            ],
+        }
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+        log = (tmp_path / "prometheus.log").open("wb")
+        procs.append(
+            subprocess.Popen(
+                [
+                    tool("prometheus"),
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=log,
+                stderr=log,
+            )
+        )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "prometheus did not start"
+            time.sleep(0.2)
+
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait(timeout=20)
+
+
+def wait_for(cond: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def test_prometheus_sees_what_was_sent(
+    bundle_dir: Path, tmp_path: Path, prometheus_on: Any
+) -> None:
+    with run_server(["serve", "--bundle", str(bundle_dir)], tmp_path) as server:
+        s: Server = server
+        prom = prometheus_on(s.url.removeprefix("http://"))
+        wait_for(lambda: prometheus_query(prom, 'up{job="vae-anomaly"} == 1'))
+        time.sleep(2.5)  # a few scrapes before the traffic
+        sent_scores: list[float] = []
+        flagged = total = 0
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            for seed in range(6):
+                batch = records(generate_payments(90, seed=90 + seed))
+                batch += records(make_anomalies(10, seed=90 + seed))
+                res = c.post("/v1/score", json={"records": batch}).json()["results"]
+                sent_scores += [x["score"] for x in res]
+                flagged += sum(x["is_anomaly"] for x in res)
+                total += len(res)
+            bad = c.post("/v1/score", json={"records": [{"amount": "lots"}]})
+            assert bad.status_code == 422
+        assert 40 <= flagged < total  # 60 anomalies among 600 records
+        # wait until a scrape has seen all of it
+        wait_for(lambda: prometheus_query(prom, f"vae_anomaly_records_scored_total == {total}"))
+        time.sleep(2.5)
+        window = "60s"
+        # the raw samples in the window: from 0 before the traffic to exactly what was sent
+        for name, sent in (("anomalies", flagged), ("records_scored", total)):
+            series = prometheus_query(prom, f"vae_anomaly_{name}_total[{window}]")
+            values = [float(v) for _, v in series[0]["values"]]
+            assert values[0] == 0 and values[-1] == sent
+        # rate() extrapolates a little past the samples at the window's edges
+        rate_a = prometheus_query(prom, f"rate(vae_anomaly_anomalies_total[{window}])")
+        rate_r = prometheus_query(prom, f"rate(vae_anomaly_records_scored_total[{window}])")
+        per_second = float(rate_a[0]["value"][1])
+        assert per_second * 60 == pytest.approx(flagged, rel=0.1)
+        ratio = per_second / float(rate_r[0]["value"][1])
+        assert ratio == pytest.approx(flagged / total, rel=0.05)
+        # histogram quantiles: within the bucket that holds the true quantile
+        buckets = sorted(
+            float(x["metric"]["le"]) for x in prometheus_query(prom, "vae_anomaly_score_bucket")
+        )
+        for q in (0.5, 0.9):
+            got = float(
+                prometheus_query(
+                    prom,
+                    f"histogram_quantile({q}, sum by (le) "
+                    f"(increase(vae_anomaly_score_bucket"
+                    f"[{window}])))",
+                )[0]["value"][1]
+            )
+            true = float(np.quantile(sent_scores, q))
+            hi = next(b for b in buckets if b >= true)
+            lo = max([b for b in buckets if b < true], default=-math.inf)
+            assert lo <= got <= hi, f"q{q}: prometheus {got}, sent {true}, bucket ({lo}, {hi}]"
+        # the anomaly rate is far above the 1% target: the alert's condition holds already
+        assert prometheus_query(
+            prom, "vae_anomaly:anomaly_rate:30m > 5 * max(vae_anomaly_target_fpr)"
+        )
+        # every dashboard query is valid PromQL and finds data
+        dash = json.loads((DEPLOY / "grafana" / "dashboards" / "vae-anomaly.json").read_text())
+        for panel in dash["panels"]:
+            for t in panel["targets"]:
+                expr = t["expr"].replace("$__rate_interval", "1m")
+                assert prometheus_query(prom, expr), f"{panel['title']}: {expr} found nothing"
