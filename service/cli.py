@@ -159,6 +159,38 @@ def cmd_models(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(a: argparse.Namespace) -> int:
+    from service.batch import BatchError, resolve, score_file
+    from service.registry import RegistryError
+
+    try:
+        bundle = resolve(a.model)
+        s = score_file(
+            bundle,
+            a.data,
+            a.out,
+            ids=a.id_column,
+            score_type=a.score,
+            chunk_size=a.chunk_size,
+            threads=a.threads,
+            progress=not a.quiet,
+        )
+    except (BatchError, BundleError, RegistryError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = bundle.manifest
+    print(
+        f"scored {s.rows} records with {m.name} {m.version} in {s.seconds:.1f} s "
+        f"({s.rows_per_second:,.0f} rows/s); {s.anomalies} anomalies "
+        f"({s.anomalies / s.rows:.2%}); written to {a.out}"
+    )
+    if s.missing_columns:
+        print(f"warning: no column(s) {s.missing_columns}: scored as missing", file=sys.stderr)
+    for col, n in s.unreadable.items():
+        print(f"warning: {n} unreadable value(s) in {col!r} scored as missing", file=sys.stderr)
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("serve", help="serve a model bundle (or a registry's serving version)")
     src = s.add_mutually_exclusive_group()
@@ -168,6 +200,23 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     add_serve_arguments(s)
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("score", help="score a file of records offline (CSV, Parquet, JSONL)")
+    b.add_argument("model", type=Path, help="a bundle, or a registry (its serving version)")
+    b.add_argument("data", type=Path, help="CSV, Parquet or JSON Lines file")
+    b.add_argument("--out", type=Path, required=True, help=".csv, .parquet or .jsonl to write")
+    b.add_argument(
+        "--id-column",
+        nargs="+",
+        metavar="COL",
+        help="columns copied to the output (default: the columns training ignored, "
+        "such as ids, that the file has)",
+    )
+    b.add_argument("--score", choices=["elbo", "recon", "iwae"], help="score type")
+    b.add_argument("--chunk-size", type=int, default=100_000, help="records per chunk")
+    b.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_score)
 
     m = sub.add_parser("models", help="list, show, promote, roll back or prune registry versions")
     m.add_argument("action", choices=["list", "show", "promote", "rollback", "prune"])

@@ -346,9 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         if e.name not in TRAIN_ONLY:
             raise
+        extra = "batch" if args.command == "score" else "train"
         return _fail(
-            f"`{args.command}` needs the training install (missing {e.name}): "
-            "pip install 'vae-anomaly[train]'"
+            f"`{args.command}` needs more than the service install (missing {e.name}): "
+            f"pip install 'vae-anomaly[{extra}]'"
         )
 
 

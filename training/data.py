@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from service import tables
 from service.bundle import (
     MISSING_TOKEN,
     UNKNOWN_TOKEN,
@@ -25,8 +26,6 @@ from training.config import TrainConfig
 Feature = NumericFeature | BooleanFeature | CategoricalFeature
 
 MIN_ROWS = 50  # normal rows needed to train, validate and calibrate at all
-TRUE = {"true", "t", "yes", "y"}
-FALSE = {"false", "f", "no", "n"}
 READERS = {
     ".csv": "csv",
     ".parquet": "parquet",
@@ -95,58 +94,24 @@ def fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _bool_values(s: pd.Series, name: str, strict: bool) -> np.ndarray | None:
-    """0/1/NaN floats if the column holds only boolean values, else None (or an error if strict)."""
-    nonnull = s.dropna()
-    if pd.api.types.is_bool_dtype(s.dtype):
-        return np.where(s.isna(), np.nan, s.astype("float64", errors="ignore")).astype(float)
-    if pd.api.types.is_numeric_dtype(s.dtype):
-        ok = nonnull.isin([0, 1]).all()
-        if ok:
-            return s.astype(float).to_numpy()
-    else:
-        low = nonnull.astype(str).str.strip().str.lower()
-        if low.isin(TRUE | FALSE).all():
-            out = np.full(len(s), np.nan)
-            out[s.notna().to_numpy()] = low.isin(TRUE).to_numpy().astype(float)
-            return out
-    if strict:
-        allowed = TRUE | FALSE | {"0", "1", "0.0", "1.0"}
-        bad = nonnull[~nonnull.astype(str).str.strip().str.lower().isin(allowed)]
-        raise DataError(f"column {name!r} is configured boolean but holds {bad.iloc[0]!r}")
-    return None
-
-
-def _category_strings(s: pd.Series) -> np.ndarray:
-    """Categories as strings; integer-valued floats print as integers; missing -> None."""
-
-    def fmt(v: Any) -> str | None:
-        if v is None or (isinstance(v, float) and v != v) or v is pd.NA:
-            return None
-        if isinstance(v, float) and v.is_integer():
-            return str(int(v))
-        return str(v)
-
-    return np.array([fmt(v) for v in s.tolist()], dtype=object)
-
-
 def column_values(s: pd.Series, name: str, kind: str | None) -> tuple[str, np.ndarray]:
     """Infer (or apply the configured) type of a column; return it with normalized values."""
-    if kind in (None, "boolean"):
-        b = _bool_values(s, name, strict=kind == "boolean")
-        if b is not None:
-            return "boolean", b
-    if kind in (None, "numeric") and (
-        pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype)
-    ):
-        return "numeric", s.astype(float).to_numpy()
-    if kind == "numeric":
-        num = pd.to_numeric(s, errors="coerce")
-        bad = s[num.isna() & s.notna()]
-        if len(bad):
-            raise DataError(f"column {name!r} is configured numeric but holds {bad.iloc[0]!r}")
-        return "numeric", num.astype(float).to_numpy()
-    return "categorical", _category_strings(s)
+    if kind is None:
+        if tables.is_boolean(s):
+            kind = "boolean"
+        elif pd.api.types.is_numeric_dtype(s.dtype):
+            kind = "numeric"
+        else:
+            return "categorical", tables.to_category(s)
+    if kind == "categorical":
+        return kind, tables.to_category(s)
+    values, bad = tables.to_bool(s) if kind == "boolean" else tables.to_float(s)
+    if bad.any():
+        example = s[bad].iloc[0]
+        raise DataError(
+            f"column {name!r} is {kind} but holds {example!r} (row {int(np.flatnonzero(bad)[0])})"
+        )
+    return kind, values
 
 
 def signed_log(x: np.ndarray) -> np.ndarray:
@@ -237,8 +202,6 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig) -> Prepared:
             missing = np.array([v is None for v in values])
         else:
             missing = np.isnan(values)
-            if np.isinf(values).any():
-                raise DataError(f"column {name!r} holds an infinite value")
         if missing.all():
             raise DataError(
                 f"column {name!r} is missing in every record; exclude it (--exclude {name})"

@@ -1,0 +1,114 @@
+"""Bulk scoring of files: `vae-anomaly score`."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from service.bundle import read_bundle
+from service.features import encode_columns
+from service.runtime import open_bundle
+from tests.conftest import cli_executable
+from training.cli import main
+from training.demo_data import generate_payments, make_anomalies
+
+
+def write(df: pd.DataFrame, path: Path) -> None:
+    if path.suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif path.suffix == ".parquet":
+        df.to_parquet(path, index=False)
+    else:
+        df.to_json(path, orient="records", lines=True)
+
+
+def read(path: Path) -> pd.DataFrame:
+    if path.suffix == ".csv":
+        return pd.read_csv(path)
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    return pd.read_json(path, lines=True)
+
+
+@pytest.mark.parametrize("src,dst", [(".csv", ".parquet"), (".parquet", ".jsonl"),
+                                     (".jsonl", ".csv")])
+def test_scores_a_file_in_chunks_like_the_model(bundle_dir: Path, tmp_path: Path, src: str,
+                                                 dst: str, capsys: pytest.CaptureFixture[str]
+                                                 ) -> None:
+    df = pd.concat([generate_payments(2300, seed=100), make_anomalies(200, seed=100)],
+                   ignore_index=True).drop(columns="anomaly_kind")
+    data, out = tmp_path / f"in{src}", tmp_path / f"out{dst}"
+    write(df, data)
+    code = main(["score", str(bundle_dir), str(data), "--out", str(out), "--chunk-size", "700",
+                 "--quiet"])
+    stdout = capsys.readouterr().out
+    assert code == 0 and "scored 2500 records" in stdout
+    got = read(out)
+    assert list(got.columns) == ["transaction_id", "score", "is_anomaly", "percentile"]
+    assert got["transaction_id"].tolist() == df["transaction_id"].tolist()
+    bundle, model = open_bundle(bundle_dir)
+    feats = bundle.manifest.features
+    expected = model.run(encode_columns(feats, {f.name: df[f.name].to_numpy()
+                                                for f in feats}).inputs)["elbo"]
+    np.testing.assert_allclose(got["score"].to_numpy(), expected, rtol=1e-5)
+    thr = bundle.manifest.thresholds["elbo"].value
+    assert (got["is_anomaly"].to_numpy() == (expected > thr)).all()
+    assert got["is_anomaly"].iloc[-200:].mean() > 0.8
+    assert got["percentile"].between(0, 100).all()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_unreadable_values_are_scored_as_missing_and_reported(bundle_dir: Path,
+                                                               tmp_path: Path) -> None:
+    df = generate_payments(300, seed=101)
+    df["customer_age"] = df["customer_age"].astype(object)
+    df.loc[:9, "customer_age"] = "unknown"
+    df = df.drop(columns=["device"])  # nullable: scored as missing
+    data, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    write(df, data)
+    r = subprocess.run([cli_executable(), "score", str(bundle_dir), str(data), "--out",
+                        str(out), "--quiet", "--score", "iwae", "--id-column", "transaction_id",
+                        "hour"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "10 unreadable value(s) in 'customer_age'" in r.stderr
+    assert "['device']" in r.stderr
+    got = pd.read_csv(out)
+    assert list(got.columns) == ["transaction_id", "hour", "score", "is_anomaly", "percentile"]
+    assert len(got) == 300 and np.isfinite(got["score"]).all()
+
+
+def test_bad_jobs_fail_cleanly(bundle_dir: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    df = generate_payments(50, seed=102)
+    data = tmp_path / "in.csv"
+    write(df.drop(columns=["amount"]), data)
+    out = tmp_path / "out.csv"
+    assert main(["score", str(bundle_dir), str(data), "--out", str(out), "--quiet"]) == 2
+    assert "amount" in capsys.readouterr().err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+    write(df, data)
+    for argv, says in ((["--out", str(tmp_path / "o.xlsx")], "unknown file type"),
+                       (["--out", str(out), "--id-column", "nope"], "nope")):
+        assert main(["score", str(bundle_dir), str(data), *argv, "--quiet"]) == 2
+        assert says in capsys.readouterr().err
+    assert main(["score", str(tmp_path), str(data), "--out", str(out), "--quiet"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_scores_with_a_registry_serving_version(bundle_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from service.registry import Registry
+
+    reg = Registry(tmp_path / "reg", create=True)
+    version = read_bundle(bundle_dir).manifest.version
+    shutil.copytree(bundle_dir, reg.version_path(version))
+    reg.promote(version)
+    data, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write(generate_payments(100, seed=103), data)
+    assert main(["score", str(reg.root), str(data), "--out", str(out), "--quiet"]) == 0
+    assert len(read(out)) == 100
