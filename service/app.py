@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__, admin, logs, metrics, native, v2
+from service.batching import MicroBatcher
 from service.errors import InvalidRecords, ServiceError
 from service.http import JSON
 from service.lifecycle import ModelManager
@@ -151,6 +152,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await models.start()
         watcher = asyncio.create_task(models.watch()) if models.registry else None
+        if settings.batch_max_records > 0:
+            app.state.batcher = MicroBatcher(
+                settings.batch_max_records, settings.batch_max_wait_ms / 1000
+            )
+            app.state.batcher.start()
         if settings.sink_dir is not None:
             app.state.sink = NormalSink(
                 settings.sink_dir, settings.sink_max_bytes, settings.sink_keep_files
@@ -160,6 +166,8 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             if watcher is not None:
                 watcher.cancel()
+            if app.state.batcher is not None:
+                await app.state.batcher.stop()
             if app.state.sink is not None:
                 app.state.sink.close()
 
@@ -173,6 +181,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.models = models
     app.state.sink = None
+    app.state.batcher = None
     app.state.admin_token = settings.admin_secret()
     install_error_handlers(app)
     install_openapi(app)

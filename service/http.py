@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import Depends, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
+from service.batching import MicroBatcher
 from service.errors import InvalidJSON, NotReady, PayloadTooLarge
 from service.scoring import Scored, Scorer
 from service.settings import Settings
 from service.sink import NormalSink
+
+T = TypeVar("T")
 
 
 class JSON(Response):
@@ -35,6 +40,28 @@ def get_scorer(request: Request) -> Scorer:
 def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
+
+
+INLINE_RECORDS = 64  # requests this small are validated and rendered on the event loop
+
+
+async def offload(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """Run CPU work inline when it is tiny (a thread hop costs more), else in a worker thread."""
+    return fn(*args) if size <= INLINE_RECORDS else await run_in_threadpool(fn, *args)
+
+
+async def score(
+    request: Request, scorer: Scorer, columns: Any, n: int, score_type: str | None
+) -> Scored:
+    """Score through the micro-batcher (small requests) or directly in a thread (large ones),
+    then hand normal records to the sink. Never on the event loop."""
+    batcher: MicroBatcher | None = request.app.state.batcher
+    if batcher is not None and n < batcher.max_batch:
+        scored = await batcher.score(scorer, columns, n, score_type)
+    else:
+        scored = await run_in_threadpool(scorer.score, columns, score_type)
+    sink_records(request, scorer, columns, scored)
+    return scored
 
 
 def sink_records(request: Request, scorer: Scorer, columns: Any, scored: Scored) -> None:

@@ -7,7 +7,6 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, create_model
-from starlette.concurrency import run_in_threadpool
 
 from service import metrics
 from service.bundle import (
@@ -19,7 +18,8 @@ from service.bundle import (
     NumericFeature,
 )
 from service.errors import InvalidRecords
-from service.http import JSON, ScorerDep, SettingsDep, read_json, sink_records
+from service.http import JSON, ScorerDep, SettingsDep, offload, read_json
+from service.http import score as score_with
 from service.scoring import Scored, Scorer, top_features
 from service.settings import Settings
 
@@ -271,14 +271,14 @@ async def score_records(
     threshold, the percentile among normal records and the features that drove the score."""
     body = await read_json(request, settings.max_body_bytes)
     k = settings.explain if explain is None else explain
-
-    def work() -> dict[str, Any]:  # validation and inference: CPU work, off the event loop
-        columns, _ = records_to_columns(body, scorer.manifest, settings)
-        scored = scorer.score(columns, score)
-        sink_records(request, scorer, columns, scored)
-        return results_json(scorer, scored, k)
-
-    return JSON(await run_in_threadpool(work))
+    size = (
+        len(body["records"])
+        if isinstance(body, dict) and isinstance(body.get("records"), list)
+        else 0
+    )
+    columns, n = await offload(size, records_to_columns, body, scorer.manifest, settings)
+    scored = await score_with(request, scorer, columns, n, score)
+    return JSON(await offload(n, results_json, scorer, scored, k))
 
 
 @router.get("/model", summary="The model being served")

@@ -57,31 +57,54 @@ class Scorer:
     ) -> Scored:
         """Score records given as feature name -> values (None = missing); count them in the
         metrics unless ``observe`` is False."""
+        return self.score_many([(columns, score_type)], observe=observe)[0]
+
+    def score_many(
+        self,
+        requests: Sequence[tuple[Mapping[str, Sequence[Any] | np.ndarray], str | None]],
+        *,
+        observe: bool = True,
+    ) -> list[Scored]:
+        """Score several requests' records in one onnxruntime call (micro-batching)."""
         m = self.manifest
-        st = score_type or m.default_score
+        if len(requests) == 1:
+            columns: Mapping[str, Sequence[Any] | np.ndarray] = requests[0][0]
+        else:
+            columns = {
+                f.name: [v for cols, _ in requests for v in cols[f.name]] for f in m.features
+            }
         enc = encode_columns(m.features, columns)
         start = time.perf_counter()
         out = self.model.run(enc.inputs)
-        scores = out[st].astype(np.float64)
-        thr = m.thresholds[st].value  # type: ignore[index]
-        verdict = scores > thr
+        elapsed = time.perf_counter() - start
+        results = []
+        lo = 0
+        for cols, score_type in requests:
+            hi = lo + len(cols[m.features[0].name])
+            st = score_type or m.default_score
+            scores = out[st][lo:hi].astype(np.float64)
+            thr = m.thresholds[st].value  # type: ignore[index]
+            results.append(
+                Scored(
+                    score_type=st,
+                    score=scores,
+                    is_anomaly=scores > thr,
+                    threshold=thr,
+                    percentile=percentile(m, st, scores),
+                    attribution=out["attribution"][lo:hi],
+                    unknown={k: v[lo:hi] for k, v in enc.unknown.items() if v[lo:hi].any()},
+                )
+            )
+            lo = hi
         if observe:
-            metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
+            metrics.INFERENCE_SECONDS.observe(elapsed)
             metrics.BATCH_SIZE.observe(enc.n_rows)
             metrics.RECORDS_SCORED.inc(enc.n_rows)
-            metrics.ANOMALIES.inc(int(verdict.sum()))
+            metrics.ANOMALIES.inc(sum(int(r.is_anomaly.sum()) for r in results))
             metrics.observe_many(self.score_histogram, out[m.default_score].astype(np.float64))
             for name, rows in enc.unknown.items():
                 metrics.UNKNOWN_CATEGORY.labels(name).inc(int(rows.sum()))
-        return Scored(
-            score_type=st,
-            score=scores,
-            is_anomaly=verdict,
-            threshold=thr,
-            percentile=percentile(m, st, scores),
-            attribution=out["attribution"],
-            unknown=enc.unknown,
-        )
+        return results
 
     def warm_up(self) -> None:
         """Score one typical record, so the first real request pays no start-up cost."""

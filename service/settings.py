@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     )
     explain: int = Field(3, ge=0, description="top features reported per record by default")
     inference_threads: int = Field(1, ge=1, le=64, description="onnxruntime threads per worker")
+    batch_max_records: int = Field(
+        256, ge=0, description="micro-batching: records per coalesced call (0: off)"
+    )
+    batch_max_wait_ms: float = Field(
+        0.0, ge=0, le=100, description="micro-batching: extra wait for more requests, under load"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

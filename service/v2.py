@@ -13,12 +13,12 @@ import math
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.bundle import BooleanFeature, CategoricalFeature, NumericFeature
 from service.errors import BadRequest, NotFound
-from service.http import JSON, ScorerDep, SettingsDep, read_json, sink_records
+from service.http import JSON, ScorerDep, SettingsDep, offload, read_json
+from service.http import score as score_with
 from service.scoring import Scorer
 from service.settings import Settings
 
@@ -156,8 +156,10 @@ async def model_ready(name: str, scorer: ScorerDep, version: str | None = None) 
     return Response(status_code=200)
 
 
-def _infer(request: Request, body: Any, scorer: Scorer, settings: Settings) -> dict[str, Any]:
-    """Validate an inference request, score it, build the response (CPU work: off the loop)."""
+def _parse(
+    body: Any, scorer: Scorer, settings: Settings
+) -> tuple[dict[str, list[Any]], int, str | None, list[str]]:
+    """Validate an inference request: (columns, records, score type, output names)."""
     if not isinstance(body, dict):
         raise BadRequest("the inference request must be a JSON object")
     inputs = body.get("inputs")
@@ -205,20 +207,7 @@ def _infer(request: Request, body: Any, scorer: Scorer, settings: Settings) -> d
         bad = [o for o in names if o not in OUTPUTS]
         if bad:
             raise BadRequest(f"unknown output(s) {bad}; available: {list(OUTPUTS)}")
-    scored = scorer.score(columns, score_type)
-    sink_records(request, scorer, columns, scored)
-    data = {"score": scored.score, "is_anomaly": scored.is_anomaly, "percentile": scored.percentile}
-    out: dict[str, Any] = {
-        "model_name": m.name,
-        "model_version": m.version,
-        "outputs": [
-            {"name": o, "datatype": OUTPUTS[o], "shape": [n], "data": data[o]} for o in names
-        ],
-        "parameters": {"score_type": scored.score_type, "threshold": scored.threshold},
-    }
-    if "id" in body:
-        out["id"] = body["id"]
-    return out
+    return columns, n, score_type, names
 
 
 @router.post("/models/{name}/infer", summary="Inference")
@@ -232,4 +221,23 @@ async def infer(
 ) -> JSON:
     _check_model(scorer, name, version)
     body = await read_json(request, settings.max_body_bytes)
-    return JSON(await run_in_threadpool(_infer, request, body, scorer, settings))
+    size = (
+        sum(len(t.get("data") or []) for t in body.get("inputs") or [] if isinstance(t, dict))
+        if isinstance(body, dict) and isinstance(body.get("inputs"), list)
+        else 0
+    )
+    columns, n, score_type, names = await offload(size, _parse, body, scorer, settings)
+    scored = await score_with(request, scorer, columns, n, score_type)
+    data = {"score": scored.score, "is_anomaly": scored.is_anomaly, "percentile": scored.percentile}
+    m = scorer.manifest
+    out: dict[str, Any] = {
+        "model_name": m.name,
+        "model_version": m.version,
+        "outputs": [
+            {"name": o, "datatype": OUTPUTS[o], "shape": [n], "data": data[o]} for o in names
+        ],
+        "parameters": {"score_type": scored.score_type, "threshold": scored.threshold},
+    }
+    if "id" in body:
+        out["id"] = body["id"]
+    return JSON(out)

@@ -34,17 +34,20 @@ def read(path: Path) -> pd.DataFrame:
     return pd.read_json(path, lines=True)
 
 
-@pytest.mark.parametrize("src,dst", [(".csv", ".parquet"), (".parquet", ".jsonl"),
-                                     (".jsonl", ".csv")])
-def test_scores_a_file_in_chunks_like_the_model(bundle_dir: Path, tmp_path: Path, src: str,
-                                                 dst: str, capsys: pytest.CaptureFixture[str]
-                                                 ) -> None:
-    df = pd.concat([generate_payments(2300, seed=100), make_anomalies(200, seed=100)],
-                   ignore_index=True).drop(columns="anomaly_kind")
+@pytest.mark.parametrize(
+    "src,dst", [(".csv", ".parquet"), (".parquet", ".jsonl"), (".jsonl", ".csv")]
+)
+def test_scores_a_file_in_chunks_like_the_model(
+    bundle_dir: Path, tmp_path: Path, src: str, dst: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    df = pd.concat(
+        [generate_payments(2300, seed=100), make_anomalies(200, seed=100)], ignore_index=True
+    ).drop(columns="anomaly_kind")
     data, out = tmp_path / f"in{src}", tmp_path / f"out{dst}"
     write(df, data)
-    code = main(["score", str(bundle_dir), str(data), "--out", str(out), "--chunk-size", "700",
-                 "--quiet"])
+    code = main(
+        ["score", str(bundle_dir), str(data), "--out", str(out), "--chunk-size", "700", "--quiet"]
+    )
     stdout = capsys.readouterr().out
     assert code == 0 and "scored 2500 records" in stdout
     got = read(out)
@@ -52,8 +55,9 @@ def test_scores_a_file_in_chunks_like_the_model(bundle_dir: Path, tmp_path: Path
     assert got["transaction_id"].tolist() == df["transaction_id"].tolist()
     bundle, model = open_bundle(bundle_dir)
     feats = bundle.manifest.features
-    expected = model.run(encode_columns(feats, {f.name: df[f.name].to_numpy()
-                                                for f in feats}).inputs)["elbo"]
+    expected = model.run(
+        encode_columns(feats, {f.name: df[f.name].to_numpy() for f in feats}).inputs
+    )["elbo"]
     np.testing.assert_allclose(got["score"].to_numpy(), expected, rtol=1e-5)
     thr = bundle.manifest.thresholds["elbo"].value
     assert (got["is_anomaly"].to_numpy() == (expected > thr)).all()
@@ -62,17 +66,34 @@ def test_scores_a_file_in_chunks_like_the_model(bundle_dir: Path, tmp_path: Path
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_unreadable_values_are_scored_as_missing_and_reported(bundle_dir: Path,
-                                                               tmp_path: Path) -> None:
+def test_unreadable_values_are_scored_as_missing_and_reported(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
     df = generate_payments(300, seed=101)
     df["customer_age"] = df["customer_age"].astype(object)
     df.loc[:9, "customer_age"] = "unknown"
     df = df.drop(columns=["device"])  # nullable: scored as missing
     data, out = tmp_path / "in.csv", tmp_path / "out.csv"
     write(df, data)
-    r = subprocess.run([cli_executable(), "score", str(bundle_dir), str(data), "--out",
-                        str(out), "--quiet", "--score", "iwae", "--id-column", "transaction_id",
-                        "hour"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            cli_executable(),
+            "score",
+            str(bundle_dir),
+            str(data),
+            "--out",
+            str(out),
+            "--quiet",
+            "--score",
+            "iwae",
+            "--id-column",
+            "transaction_id",
+            "hour",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "10 unreadable value(s) in 'customer_age'" in r.stderr
     assert "['device']" in r.stderr
@@ -81,8 +102,9 @@ def test_unreadable_values_are_scored_as_missing_and_reported(bundle_dir: Path,
     assert len(got) == 300 and np.isfinite(got["score"]).all()
 
 
-def test_bad_jobs_fail_cleanly(bundle_dir: Path, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_jobs_fail_cleanly(
+    bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     df = generate_payments(50, seed=102)
     data = tmp_path / "in.csv"
     write(df.drop(columns=["amount"]), data)
@@ -91,8 +113,10 @@ def test_bad_jobs_fail_cleanly(bundle_dir: Path, tmp_path: Path,
     assert "amount" in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
     write(df, data)
-    for argv, says in ((["--out", str(tmp_path / "o.xlsx")], "unknown file type"),
-                       (["--out", str(out), "--id-column", "nope"], "nope")):
+    for argv, says in (
+        (["--out", str(tmp_path / "o.xlsx")], "unknown file type"),
+        (["--out", str(out), "--id-column", "nope"], "nope"),
+    ):
         assert main(["score", str(bundle_dir), str(data), *argv, "--quiet"]) == 2
         assert says in capsys.readouterr().err
     assert main(["score", str(tmp_path), str(data), "--out", str(out), "--quiet"]) == 2

@@ -1,0 +1,97 @@
+"""Adaptive micro-batching: concurrent requests share one onnxruntime call.
+
+Each worker runs one batch at a time. While a batch runs, new requests queue up; the next batch
+takes all of them (up to ``max_batch`` records), so under load calls grow by themselves and a
+lone request goes straight through. ``max_wait`` (seconds) adds a short wait for more requests,
+but only while requests are arriving concurrently (the previous batch held more than one).
+Validation happens before a request joins the queue, so a bad record fails only its own
+request; results go back to each caller in its own order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from service.scoring import Scored, Scorer
+
+
+@dataclass
+class _Item:
+    scorer: Scorer
+    columns: Mapping[str, Sequence[Any]]
+    n: int
+    score_type: str | None
+    future: asyncio.Future[Scored]
+
+
+class MicroBatcher:
+    def __init__(self, max_batch: int, max_wait: float) -> None:
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.pending: deque[_Item] = deque()
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.last_batch_requests = 0
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def score(
+        self, scorer: Scorer, columns: Mapping[str, Sequence[Any]], n: int, score_type: str | None
+    ) -> Scored:
+        fut: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
+        self.pending.append(_Item(scorer, columns, n, score_type, fut))
+        self.wake.set()
+        return await fut
+
+    def _take(self) -> list[_Item]:
+        """The next batch: queued requests for one model, up to max_batch records (at least
+        one request, however large)."""
+        first = self.pending.popleft()
+        batch, size = [first], first.n
+        rest: deque[_Item] = deque()
+        while self.pending:
+            item = self.pending.popleft()
+            if item.scorer is first.scorer and size + item.n <= self.max_batch:
+                batch.append(item)
+                size += item.n
+            else:
+                rest.append(item)
+        rest.extend(self.pending)
+        self.pending = rest
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            if not self.pending:
+                self.wake.clear()
+                await self.wake.wait()
+            if self.max_wait > 0 and self.last_batch_requests > 1:
+                await asyncio.sleep(self.max_wait)
+            batch = [i for i in self._take() if not i.future.cancelled()]
+            self.last_batch_requests = len(batch)
+            if not batch:
+                continue
+            try:
+                results = await run_in_threadpool(
+                    batch[0].scorer.score_many, [(i.columns, i.score_type) for i in batch]
+                )
+            except Exception as e:  # e.g. onnxruntime failed: every caller in the batch hears it
+                for i in batch:
+                    if not i.future.done():
+                        i.future.set_exception(e)
+                continue
+            for i, r in zip(batch, results, strict=True):
+                if not i.future.done():
+                    i.future.set_result(r)
