@@ -27,7 +27,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from service.features import encode_columns
 from service.runtime import open_bundle
 from training.config import TrainConfig
-from training.train import score_all, train_bundle
+from training.train import train_bundle
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "adbench"
@@ -62,7 +62,7 @@ def run_one(
     bundle, model = open_bundle(r.path)
     feats = bundle.manifest.features
     enc = encode_columns(feats, {f.name: test_df[f.name].to_numpy() for f in feats})
-    out = score_all(model, enc.inputs)
+    out = model.run(enc.inputs)
     res: dict[str, float] = {"fit_s": fit_s, "epochs": r.manifest.metrics["epochs_run"]}
     for st in SCORES:
         s = out[st].astype(np.float64)

@@ -260,7 +260,8 @@ def manifest_json(manifest: Manifest) -> str:
     return json.dumps(finite(manifest.model_dump(mode="json")), indent=2, allow_nan=False) + "\n"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -293,12 +294,12 @@ def write_bundle_atomic(
             if p.is_file():
                 with p.open("rb") as f:
                     os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if dest.exists():
             old = dest.parent / f".{dest.name}.old-{os.getpid()}"
             os.rename(dest, old)
         os.rename(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not dest.exists():

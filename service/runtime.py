@@ -10,6 +10,8 @@ import onnxruntime as ort
 
 from service.bundle import Bundle, BundleError, read_bundle
 
+MAX_ROWS = 4096
+
 
 class OnnxModel:
     """An onnxruntime session over one ONNX file; ``run`` returns every output by name."""
@@ -30,8 +32,20 @@ class OnnxModel:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self.session.run(self.output_names, inputs)
-        return dict(zip(self.output_names, outs, strict=True))
+        """Every output by name. Large inputs run in slices of ``MAX_ROWS``: the graph's
+        intermediate tensors grow with rows x posterior samples (1 GB for 10,000 rows)."""
+        n = len(next(iter(inputs.values())))
+        if n <= MAX_ROWS:
+            return dict(
+                zip(self.output_names, self.session.run(self.output_names, inputs), strict=True)
+            )
+        parts = [
+            self.session.run(self.output_names, {k: v[i : i + MAX_ROWS] for k, v in inputs.items()})
+            for i in range(0, n, MAX_ROWS)
+        ]
+        return {
+            name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(self.output_names)
+        }
 
 
 def open_bundle(

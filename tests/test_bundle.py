@@ -189,3 +189,17 @@ def test_percentile_is_monotone_and_bounded(bundle_dir: Path) -> None:
     thr = m.thresholds["elbo"].value
     # the threshold for a 1% false-positive rate sits near the 99th percentile of normal scores
     assert 97.0 <= percentile(m, "elbo", np.array([thr]))[0] <= 100.0
+
+
+def test_large_inputs_run_in_slices_with_the_same_results(bundle_dir: Path) -> None:
+    from service.runtime import MAX_ROWS
+
+    bundle, model = open_bundle(bundle_dir)
+    feats = bundle.manifest.features
+    df = generate_payments(MAX_ROWS + 1000, seed=4)
+    inputs = encode_columns(feats, {f.name: df[f.name].to_numpy() for f in feats}).inputs
+    whole = model.run(inputs)
+    assert whole["elbo"].shape == (MAX_ROWS + 1000,)
+    assert whole["attribution"].shape == (MAX_ROWS + 1000, len(feats))
+    tail = model.run({k: v[MAX_ROWS - 10 :] for k, v in inputs.items()})
+    np.testing.assert_allclose(whole["iwae"][MAX_ROWS - 10 :], tail["iwae"], rtol=1e-5)

@@ -16,7 +16,7 @@ from training.data import prepare
 from training.demo_data import KINDS, generate_payments, make_anomalies
 from training.export import TOLERANCE, compare, export_onnx
 from training.model import ScoringGraph
-from training.train import Result, fit, layout_of, model_sizes, score_all, train_bundle
+from training.train import Result, fit, layout_of, model_sizes, train_bundle
 
 TARGET_FPR = 0.01
 
@@ -24,9 +24,7 @@ TARGET_FPR = 0.01
 def scores_of(bundle_dir: Path, df: pd.DataFrame) -> dict[str, np.ndarray]:
     bundle, model = open_bundle(bundle_dir)
     feats = bundle.manifest.features
-    return score_all(
-        model, encode_columns(feats, {f.name: df[f.name].to_numpy() for f in feats}).inputs
-    )
+    return model.run(encode_columns(feats, {f.name: df[f.name].to_numpy() for f in feats}).inputs)
 
 
 @pytest.fixture(scope="module")

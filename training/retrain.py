@@ -20,7 +20,7 @@ from service.runtime import OnnxModel
 from training import calibrate
 from training.config import TrainConfig
 from training.data import DataError, column_values, fingerprint, read_table
-from training.train import Result, score_all, train_bundle
+from training.train import Result, train_bundle
 
 
 def serving_weights(bundle: Bundle) -> dict[str, torch.Tensor]:
@@ -57,7 +57,7 @@ def _scores(bundle: Bundle, df: pd.DataFrame) -> np.ndarray | None:
     if any(f.name not in df.columns for f in feats):
         return None
     cols = {f.name: column_values(df[f.name], f.name, f.kind)[1] for f in feats}
-    out = score_all(OnnxModel(bundle.model_path), encode_columns(feats, cols).inputs)
+    out = OnnxModel(bundle.model_path).run(encode_columns(feats, cols).inputs)
     return np.asarray(out[bundle.manifest.default_score], dtype=np.float64)
 
 

@@ -187,12 +187,6 @@ def _rows(inputs: dict[str, np.ndarray], idx: np.ndarray | slice) -> dict[str, n
     return {k: np.ascontiguousarray(v[idx]) for k, v in inputs.items()}
 
 
-def score_all(session: OnnxModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    n = len(next(iter(inputs.values())))
-    parts = [session.run(_rows(inputs, sl)) for sl in _batches(n, EVAL_BATCH)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-
-
 @dataclass
 class Result:
     path: Path
@@ -262,8 +256,8 @@ def train_bundle(
         export_onnx(graph, val_inputs, model_path)
         session = OnnxModel(model_path, intra_op_threads=os.cpu_count() or 1)
         max_abs, max_rel = compare(graph, session, _rows(val_inputs, slice(0, 512)))
-        calib = score_all(session, calib_inputs)
-        anom = score_all(session, anomaly_inputs) if anomaly_inputs else {}
+        calib = session.run(calib_inputs)
+        anom = session.run(anomaly_inputs) if anomaly_inputs else {}
         thresholds: dict[ScoreType, Threshold] = {}
         distributions: dict[ScoreType, ScoreDistribution] = {}
         metrics: dict[str, Any] = {
