@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from service import tables
 from service.bundle import Bundle, read_bundle
-from service.features import encode_columns, percentile
+from service.features import Encoder, Percentiles
 from service.registry import Registry
 from service.runtime import OnnxModel
 
@@ -136,6 +136,7 @@ def score_file(
         raise BatchError(f"score type {st!r} is not one of {m.score_types}")
     if out.resolve() == data.resolve():
         raise BatchError("--out must not be the input file")
+    encode, percentile = Encoder(m.features), Percentiles(m)
     model = OnnxModel(bundle.model_path, intra_op_threads=threads or (os.cpu_count() or 1))
     thr = m.thresholds[st].value
     summary = Summary()
@@ -180,12 +181,12 @@ def score_file(
                 if bad.any():
                     summary.unreadable[f.name] = summary.unreadable.get(f.name, 0) + int(bad.sum())
                 columns[f.name] = values
-            outputs = model.run(encode_columns(m.features, columns).inputs)
+            outputs = model.run(encode(columns).inputs)
             scores = outputs[st].astype(np.float64)
             result = chunk[id_cols].copy() if id_cols else pd.DataFrame(index=chunk.index)
             result["score"] = scores
             result["is_anomaly"] = scores > thr
-            result["percentile"] = np.round(percentile(m, st, scores), 3)
+            result["percentile"] = np.round(percentile(st, scores), 3)
             writer.write(result)
             summary.rows += len(chunk)
             summary.anomalies += int(result["is_anomaly"].sum())

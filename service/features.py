@@ -40,26 +40,34 @@ def _as_float(values: Sequence[Any] | np.ndarray) -> npt.NDArray[np.float32]:
     return np.asarray(arr, dtype=np.float32)
 
 
-def encode_columns(
-    features: Sequence[NumericFeature | BooleanFeature | CategoricalFeature],
-    columns: Mapping[str, Sequence[Any] | np.ndarray],
-) -> Encoded:
-    """Encode ``columns`` (feature name -> values, all of one length) for the ONNX model."""
-    n = len(next(iter(columns.values()))) if columns else 0
-    n_num = sum(1 for f in features if input_of(f) == "x_num")
-    n_cat = len(features) - n_num
-    x_num = np.full((n, n_num), np.nan, dtype=np.float32)
-    x_cat = np.full((n, n_cat), MISSING_INDEX, dtype=np.int64)
-    unknown: dict[str, npt.NDArray[np.bool_]] = {}
-    for f in features:
-        values = columns[f.name]
-        if isinstance(f, NumericFeature | BooleanFeature):
-            x_num[:, f.column] = _as_float(values)
-        elif isinstance(f, CategoricalFeature):
-            index = {c: i for i, c in enumerate(f.categories)}
-            # reserved tokens are not user values: "<missing>" sent as a string is unknown
-            index.pop(f.categories[UNKNOWN_INDEX])
-            index.pop(f.categories[MISSING_INDEX])
+class Encoder:
+    """Encodes columns for one feature schema; the category lookups are built once."""
+
+    def __init__(
+        self, features: Sequence[NumericFeature | BooleanFeature | CategoricalFeature]
+    ) -> None:
+        self.features = list(features)
+        self.n_num = sum(1 for f in features if input_of(f) == "x_num")
+        self.n_cat = len(self.features) - self.n_num
+        # reserved tokens are not user values: "<missing>" sent as a string is unknown
+        self.index = {
+            f.name: {c: i for i, c in enumerate(f.categories) if i > MISSING_INDEX}
+            for f in self.features
+            if isinstance(f, CategoricalFeature)
+        }
+
+    def __call__(self, columns: Mapping[str, Sequence[Any] | np.ndarray]) -> Encoded:
+        """Encode ``columns`` (feature name -> values, all of one length) for the ONNX model."""
+        n = len(next(iter(columns.values()))) if columns else 0
+        x_num = np.full((n, self.n_num), np.nan, dtype=np.float32)
+        x_cat = np.full((n, self.n_cat), MISSING_INDEX, dtype=np.int64)
+        unknown: dict[str, npt.NDArray[np.bool_]] = {}
+        for f in self.features:
+            values = columns[f.name]
+            if not isinstance(f, CategoricalFeature):
+                x_num[:, f.column] = _as_float(values)
+                continue
+            index = self.index[f.name]
             codes = np.fromiter(
                 (
                     MISSING_INDEX
@@ -74,21 +82,35 @@ def encode_columns(
             unk = codes == UNKNOWN_INDEX
             if unk.any():
                 unknown[f.name] = unk
-    inputs: dict[str, np.ndarray] = {}
-    if n_num:
-        inputs["x_num"] = x_num
-    if n_cat:
-        inputs["x_cat"] = x_cat
-    return Encoded(inputs=inputs, n_rows=n, unknown=unknown)
+        inputs: dict[str, np.ndarray] = {}
+        if self.n_num:
+            inputs["x_num"] = x_num
+        if self.n_cat:
+            inputs["x_cat"] = x_cat
+        return Encoded(inputs=inputs, n_rows=n, unknown=unknown)
 
 
-def percentile(manifest: Manifest, score_type: str, scores: np.ndarray) -> np.ndarray:
-    """Percentile (0-100) of each score among the normal calibration scores."""
-    d = manifest.distributions[score_type]  # type: ignore[index]
-    q = np.asarray(d.quantiles, dtype=np.float64)
-    p = np.asarray(d.probs, dtype=np.float64)
-    # quantiles may repeat (ties); interp needs increasing x, so keep the last prob of each value
-    q_u, idx = np.unique(q[::-1], return_index=True)
-    p_u = p[::-1][idx]
-    out = np.interp(np.asarray(scores, dtype=np.float64), q_u, p_u, left=0.0, right=1.0)
-    return np.asarray(out * 100.0)
+def encode_columns(
+    features: Sequence[NumericFeature | BooleanFeature | CategoricalFeature],
+    columns: Mapping[str, Sequence[Any] | np.ndarray],
+) -> Encoded:
+    """One-off encoding (an :class:`Encoder` saves rebuilding the lookups on every call)."""
+    return Encoder(features)(columns)
+
+
+class Percentiles:
+    """Percentile (0-100) of scores among the normal calibration scores, per score type."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.tables = {}
+        for st, d in manifest.distributions.items():
+            q = np.asarray(d.quantiles, dtype=np.float64)
+            p = np.asarray(d.probs, dtype=np.float64)
+            # quantiles may repeat (ties); interp needs increasing x: keep each value's last prob
+            q_u, idx = np.unique(q[::-1], return_index=True)
+            self.tables[st] = (q_u, p[::-1][idx])
+
+    def __call__(self, score_type: str, scores: np.ndarray) -> np.ndarray:
+        q, p = self.tables[score_type]  # type: ignore[index]
+        out = np.interp(np.asarray(scores, dtype=np.float64), q, p, left=0.0, right=1.0)
+        return np.asarray(out * 100.0)

@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from service import metrics
 from service.bundle import BooleanFeature, Bundle, CategoricalFeature, Manifest, NumericFeature
-from service.features import encode_columns, percentile
+from service.features import Encoder, Percentiles
 from service.runtime import open_bundle
 
 
@@ -42,6 +42,8 @@ class Scorer:
         self.manifest: Manifest = self.bundle.manifest
         self.feature_names = [f.name for f in self.manifest.features]
         self.score_histogram = metrics.score_histogram(self.manifest)
+        self.encode = Encoder(self.manifest.features)
+        self.percentile = Percentiles(self.manifest)
         self.ready = False
 
     @property
@@ -73,7 +75,7 @@ class Scorer:
             columns = {
                 f.name: [v for cols, _ in requests for v in cols[f.name]] for f in m.features
             }
-        enc = encode_columns(m.features, columns)
+        enc = self.encode(columns)
         start = time.perf_counter()
         out = self.model.run(enc.inputs)
         elapsed = time.perf_counter() - start
@@ -90,7 +92,7 @@ class Scorer:
                     score=scores,
                     is_anomaly=scores > thr,
                     threshold=thr,
-                    percentile=percentile(m, st, scores),
+                    percentile=self.percentile(st, scores),
                     attribution=out["attribution"][lo:hi],
                     unknown={k: v[lo:hi] for k, v in enc.unknown.items() if v[lo:hi].any()},
                 )

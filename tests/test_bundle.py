@@ -22,7 +22,7 @@ from service.bundle import (
     read_bundle,
     write_bundle_atomic,
 )
-from service.features import encode_columns, percentile
+from service.features import Percentiles, encode_columns
 from service.runtime import open_bundle
 from training.demo_data import generate_payments
 
@@ -183,12 +183,13 @@ def test_percentile_is_monotone_and_bounded(bundle_dir: Path) -> None:
     m = read_bundle(bundle_dir).manifest
     q = np.asarray(m.distributions["elbo"].quantiles)
     scores = np.linspace(q.min() - 10, q.max() + 10, 500)
-    p = percentile(m, "elbo", scores)
+    percentile = Percentiles(m)
+    p = percentile("elbo", scores)
     assert p[0] == 0.0 and p[-1] == 100.0
     assert np.all(np.diff(p) >= 0)
     thr = m.thresholds["elbo"].value
     # the threshold for a 1% false-positive rate sits near the 99th percentile of normal scores
-    assert 97.0 <= percentile(m, "elbo", np.array([thr]))[0] <= 100.0
+    assert 97.0 <= percentile("elbo", np.array([thr]))[0] <= 100.0
 
 
 def test_large_inputs_run_in_slices_with_the_same_results(bundle_dir: Path) -> None:
