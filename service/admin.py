@@ -11,7 +11,7 @@ from service.errors import Conflict, Forbidden, NotFound, Unauthorized
 from service.lifecycle import ModelManager
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     token: str | None = request.app.state.admin_token
     if token is None:
         raise NotFound("admin endpoints are off (no admin token is configured)")

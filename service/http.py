@@ -29,7 +29,10 @@ class JSON(Response):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def get_scorer(request: Request) -> Scorer:
+# dependencies are async: FastAPI would run plain functions in a worker thread (a hop each)
+
+
+async def get_scorer(request: Request) -> Scorer:
     """The scorer serving now; the request keeps it to the end, even if a new one swaps in."""
     scorer: Scorer | None = request.app.state.models.scorer
     if scorer is None or not scorer.ready:
@@ -37,7 +40,7 @@ def get_scorer(request: Request) -> Scorer:
     return scorer
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
