@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import httpx
 import numpy as np
 import pandas as pd
 from microbatch import free_port, wrk  # type: ignore[import-not-found]
+from serving_profile import median_ms  # type: ignore[import-not-found]
 
 HERE = Path(__file__).resolve().parent
 EXE = Path(sys.executable).parent / "vae-anomaly"
@@ -62,13 +62,7 @@ def telemetry(n: int, seed: int) -> pd.DataFrame:
 
 
 def median_rate(fn: Any, rows: int, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return rows / statistics.median(times)
+    return rows / median_ms(fn, repeat) * 1000
 
 
 def start(cmd: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

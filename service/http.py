@@ -63,7 +63,7 @@ async def score(
         scored = await batcher.score(scorer, columns, n, score_type)
     else:
         scored = await run_in_threadpool(scorer.score, columns, score_type)
-    sink_records(request, scorer, columns, scored)
+    await offload(n, sink_records, request, scorer, columns, scored)
     return scored
 
 

@@ -24,7 +24,7 @@ from training.train import Result, train_bundle
 
 
 def serving_weights(bundle: Bundle) -> dict[str, torch.Tensor]:
-    """The VAE's weights, read back from the ONNX initializers of a bundle (no pickle)."""
+    """The VAE's weights, read back from the ONNX initializers of a bundle (no code is loaded)."""
     model = onnx.load(str(bundle.model_path))
     return {
         init.name.removeprefix("vae."): torch.from_numpy(numpy_helper.to_array(init).copy())
