@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from service.errors import Conflict, Forbidden, NotFound, Unauthorized
+from service.auth import require_admin
+from service.errors import Conflict
 from service.lifecycle import ModelManager
-
-
-async def require_admin(request: Request) -> None:
-    token: str | None = request.app.state.admin_token
-    if token is None:
-        raise NotFound("admin endpoints are off (no admin token is configured)")
-    given = request.headers.get("authorization", "")
-    if not given.startswith("Bearer "):
-        raise Unauthorized("this needs the admin token: Authorization: Bearer <token>")
-    if not hmac.compare_digest(given[7:].encode(), token.encode()):
-        raise Forbidden("wrong admin token")
-
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 

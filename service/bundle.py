@@ -279,7 +279,8 @@ def write_bundle_atomic(
 
     ``fill(tmp)`` writes the files into a temporary directory beside ``dest``; each is fsynced,
     then the directory is renamed into place. On any error the temporary directory is removed
-    and ``dest`` is untouched.
+    and ``dest`` is untouched; a failed write (a full disk) is raised as an OSError naming
+    ``dest``.
     """
     dest = Path(dest).absolute()
     if dest.exists() and not overwrite:
@@ -288,6 +289,7 @@ def write_bundle_atomic(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by the service
     old: Path | None = None
+    placed = False
     try:
         fill(tmp)
         for p in tmp.rglob("*"):
@@ -299,11 +301,17 @@ def write_bundle_atomic(
             old = dest.parent / f".{dest.name}.old-{os.getpid()}"
             os.rename(dest, old)
         os.rename(tmp, dest)
+        placed = True
         fsync_dir(dest.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not dest.exists():
             os.rename(old, dest)
+        if isinstance(e, OSError) and e.errno and e.filename is None and not placed:
+            # a failed write (a full disk) names no file: say which bundle, and that it is not there
+            raise OSError(
+                e.errno, f"cannot write the bundle {dest} ({e.strerror}); nothing was written"
+            ) from e
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -6,9 +6,11 @@ import argparse
 import glob
 import importlib.util
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
 
 from pydantic import SecretStr
 
@@ -27,6 +29,10 @@ def settings_from_args(a: argparse.Namespace, **extra: object) -> Settings:
     return load_settings(
         host=a.host, port=a.port, workers=a.workers, log_level=a.log_level, **extra
     )
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def serve(settings: Settings) -> int:
@@ -49,7 +55,8 @@ def serve(settings: Settings) -> int:
             assert settings.bundle is not None
             open_bundle(settings.bundle)
         settings.admin_secret()
-    except (BundleError, RegistryError, OSError) as e:
+        settings.api_key_list()
+    except (BundleError, RegistryError, OSError, SettingsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # workers are separate processes: they read the same settings from the environment
@@ -70,6 +77,10 @@ def serve(settings: Settings) -> int:
     from service import logs
 
     logs.setup(settings.log_level)
+    # One process: once uvicorn has drained on SIGTERM it raises the signal again, and the
+    # process would end "killed by SIGTERM" (143) after a clean shutdown. Exit 0, as the
+    # several-worker supervisor does. (A SIGTERM before uvicorn takes over exits 0 at once.)
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         "service.app:app_from_env",
         factory=True,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 
 class ServiceError(Exception):
     status_code = 400
@@ -29,6 +31,11 @@ class InvalidRecords(ServiceError):
     reason = "invalid_records"
 
 
+class InvalidParameters(ServiceError):
+    status_code = 422
+    reason = "invalid_parameters"
+
+
 class PayloadTooLarge(ServiceError):
     status_code = 413
     reason = "body_too_large"
@@ -52,3 +59,47 @@ class Forbidden(ServiceError):
 
 class Conflict(ServiceError):
     status_code = 409
+
+
+class Timeout(ServiceError):
+    status_code = 503
+    reason = "timeout"
+
+
+# ---------------------------------------------------------------- error bodies, for OpenAPI
+
+
+class ErrorItem(BaseModel):
+    record: int | None = None
+    field: str | None = None
+    reason: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """The native API's error: a message and, for bad input, one item per problem."""
+
+    error: str
+    errors: list[ErrorItem] = []
+
+
+class V2ErrorBody(BaseModel):
+    """The Open Inference Protocol's error object."""
+
+    error: str
+
+
+def error_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    return {
+        400: {"model": model, "description": "not JSON, or not the expected shape"},
+        401: {"model": model, "description": "no API key (when keys are configured)"},
+        403: {"model": model, "description": "API key not accepted"},
+        404: {"model": model, "description": "no such model or version"},
+        413: {"model": model, "description": "body over the size limit"},
+        422: {"model": model, "description": "invalid records or parameters"},
+        503: {"model": model, "description": "no model ready, or the request timed out"},
+    }
+
+
+ERROR_RESPONSES = error_responses(ErrorBody)
+V2_ERROR_RESPONSES = error_responses(V2ErrorBody)

@@ -10,6 +10,7 @@ import orjson
 from fastapi import Depends, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from service.batching import MicroBatcher
 from service.errors import InvalidJSON, NotReady, PayloadTooLarge
@@ -32,12 +33,16 @@ class JSON(Response):
 # dependencies are async: FastAPI would run plain functions in a worker thread (a hop each)
 
 
-async def get_scorer(request: Request) -> Scorer:
+def current_scorer(request: Request) -> Scorer:
     """The scorer serving now; the request keeps it to the end, even if a new one swaps in."""
     scorer: Scorer | None = request.app.state.models.scorer
     if scorer is None or not scorer.ready:
         raise NotReady("no model is ready yet")
     return scorer
+
+
+async def get_scorer(request: Request) -> Scorer:
+    return current_scorer(request)
 
 
 async def get_settings(request: Request) -> Settings:
@@ -88,11 +93,18 @@ async def read_json(request: Request, limit: int) -> Any:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes is over the {limit}-byte limit")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    receive = request.receive  # the ASGI channel itself: Request.stream() costs more per call
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
         chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
     body = b"".join(chunks)
     try:
         return orjson.loads(body)

@@ -32,6 +32,13 @@ class Reload:
     error: str | None = None
 
 
+def unreadable(e: BaseException) -> bool:
+    """The version could not be read (permissions, an I/O error, not there yet), rather than
+    read and found bad: that may pass, so it is tried again at the next poll. A bad bundle
+    (checksum, format, schema, onnxruntime) is refused once and not retried every poll."""
+    return isinstance(e, OSError | RegistryError) or isinstance(e.__cause__, OSError)
+
+
 def schema_of(m: Manifest) -> list[tuple[str, str, bool]]:
     """What clients depend on: feature names, kinds and whether they may be missing."""
     return [(f.name, f.kind, f.nullable) for f in m.features]
@@ -90,13 +97,15 @@ class ModelManager:
             try:
                 scorer = await run_in_threadpool(self._load)
             except (BundleError, RegistryError, OSError, RuntimeError) as e:
-                return self._refuse(wanted, current, str(e))
+                return self._refuse(wanted, current, str(e), remember=not unreadable(e))
             self._swap(scorer)
             return Reload(changed=True, version=scorer.version, previous=current)
 
-    def _refuse(self, wanted: str | None, current: str | None, why: str) -> Reload:
+    def _refuse(
+        self, wanted: str | None, current: str | None, why: str, *, remember: bool = True
+    ) -> Reload:
         metrics.MODEL_RELOADS.labels("failure").inc()
-        if wanted is not None:
+        if wanted is not None and remember:
             self._refused = wanted
         log.warning(
             "model not loaded; keeping the serving one",

@@ -7,6 +7,7 @@ With several workers, set ``PROMETHEUS_MULTIPROC_DIR`` before this module is imp
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 from prometheus_client import (
@@ -73,6 +74,21 @@ SINK_DROPPED = Counter(
 )
 
 _score: Histogram | None = None
+
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def request_done(method: str, route: str, status: int, seconds: float) -> None:
+    """Count one HTTP request (label children cached: this runs for every request)."""
+    key = (method if method in METHODS else "other", route, status)
+    children = _request_children.get(key)
+    if children is None:
+        children = (HTTP_REQUESTS.labels(key[0], route, str(status)), HTTP_DURATION.labels(route))
+        _request_children[key] = children
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 def score_buckets(m: Manifest) -> list[float]:

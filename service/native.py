@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+import operator
+from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from service import metrics
+from service.auth import check_api_key, require_api_key
 from service.bundle import (
     MISSING_TOKEN,
     UNKNOWN_TOKEN,
@@ -17,14 +19,16 @@ from service.bundle import (
     Manifest,
     NumericFeature,
 )
-from service.errors import InvalidRecords
-from service.http import JSON, ScorerDep, SettingsDep, offload, read_json
+from service.errors import ERROR_RESPONSES, InvalidParameters, InvalidRecords
+from service.http import JSON, ScorerDep, current_scorer, offload, read_json
 from service.http import score as score_with
 from service.scoring import Scored, Scorer, top_features
 from service.settings import Settings
 
 MAX_LISTED_ERRORS = 100
 ScoreType = Literal["elbo", "recon", "iwae"]
+SCORE_TYPES = ("elbo", "recon", "iwae")
+MAX_EXPLAIN = 1000
 
 
 # ---------------------------------------------------------------- record validation
@@ -49,15 +53,18 @@ def _check(
     if isinstance(f, NumericFeature):
         if isinstance(v, bool) or not isinstance(v, int | float):
             return None, "wrong_type", f"expected a number, got {type(v).__name__}"
-        fv = float(v)
+        try:
+            fv = float(v)
+        except OverflowError:
+            return None, "not_finite", "too large for a number"
         if not math.isfinite(fv):
             return None, "not_finite", "must be a finite number"
         return fv, None, ""
     if isinstance(f, BooleanFeature):
         if isinstance(v, bool):
-            return float(v), None, ""
+            return v, None, ""
         if isinstance(v, int) and v in (0, 1):
-            return float(v), None, ""
+            return bool(v), None, ""
         return None, "wrong_type", f"expected true or false, got {type(v).__name__}"
     if isinstance(v, str):
         if len(v) > max_len:
@@ -66,6 +73,77 @@ def _check(
     if isinstance(v, int) and not isinstance(v, bool):
         return str(v), None, ""
     return None, "wrong_type", f"expected a string, got {type(v).__name__}"
+
+
+class _Plan:
+    """What a valid record of one model looks like, for the fast path of validation: per
+    feature, the exact Python types its value may have as given (no conversion needed)."""
+
+    def __init__(self, m: Manifest) -> None:
+        self.names = [f.name for f in m.features]
+        self.allowed: list[frozenset[type]] = []
+        for f in m.features:
+            kinds: set[type] = (
+                {float, int}
+                if isinstance(f, NumericFeature)
+                else {bool}
+                if isinstance(f, BooleanFeature)
+                else {str}
+            )
+            if f.nullable:
+                kinds.add(type(None))
+            self.allowed.append(frozenset(kinds))
+        self.numeric = [i for i, f in enumerate(m.features) if isinstance(f, NumericFeature)]
+        self.strings = [i for i, f in enumerate(m.features) if isinstance(f, CategoricalFeature)]
+        self.known = frozenset(self.names) | frozenset(m.ignored_columns)
+        self.checks = [a.__contains__ for a in self.allowed]
+
+
+_plans: dict[tuple[str, str], _Plan] = {}
+
+
+def _plan(m: Manifest) -> _Plan:
+    key = (m.name, m.version)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) > 8:
+            _plans.clear()
+        plan = _plans[key] = _Plan(m)
+    return plan
+
+
+def _fast_columns(records: list[Any], m: Manifest, s: Settings) -> dict[str, list[Any]] | None:
+    """Columns for records that are plainly valid (every value of an expected type, numbers
+    finite, strings within the limit); None if any record needs a closer look. (Written for
+    speed: this runs for every record the service scores.)"""
+    plan = _plan(m)
+    names, checks, known, numeric, strings = (
+        plan.names,
+        plan.checks,
+        plan.known,
+        plan.numeric,
+        plan.strings,
+    )
+    reject = s.unknown_fields == "reject"
+    max_len = s.max_string_length
+    rows = []
+    try:
+        for rec in records:
+            if type(rec) is not dict or (reject and not rec.keys() <= known):
+                return None
+            row = [rec.get(k) for k in names]
+            if not all(map(operator.call, checks, map(type, row))):
+                return None
+            if not math.isfinite(sum([v for j in numeric if (v := row[j]) is not None])):
+                return None
+            if max([len(v) for j in strings if (v := row[j]) is not None], default=0) > max_len:
+                return None
+            rows.append(row)
+    except OverflowError:  # an integer beyond any float
+        return None
+    if len(rows) == 1:
+        return {k: [v] for k, v in zip(names, rows[0], strict=True)}
+    return dict(zip(names, map(list, zip(*rows, strict=True)), strict=True))
 
 
 def records_to_columns(body: Any, m: Manifest, s: Settings) -> tuple[dict[str, list[Any]], int]:
@@ -107,6 +185,9 @@ def records_to_columns(body: Any, m: Manifest, s: Settings) -> tuple[dict[str, l
                 }
             ],
         )
+    fast = _fast_columns(records, m, s)
+    if fast is not None:
+        return fast, n
     feats = m.features
     known = {f.name for f in feats}
     ignored = set(m.ignored_columns)
@@ -221,7 +302,7 @@ class ScoreResponse(BaseModel):
 
 def results_json(scorer: Scorer, scored: Scored, explain: int) -> dict[str, Any]:
     m = scorer.manifest
-    tops = top_features(scorer.feature_names, scored.attribution, explain)
+    tops = top_features(scorer.feature_names, scored, explain)
     unknown = [[] for _ in range(len(scored.score))]  # type: list[list[str]]
     for name, rows in scored.unknown.items():
         for i in rows.nonzero()[0]:
@@ -254,34 +335,88 @@ def results_json(scorer: Scorer, scored: Scored, explain: int) -> dict[str, Any]
 
 router = APIRouter(prefix="/v1", tags=["native"])
 
+QUERY_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "score",
+        "in": "query",
+        "required": False,
+        "description": "score type; default: the model's",
+        "schema": {"type": "string", "enum": list(SCORE_TYPES)},
+    },
+    {
+        "name": "explain",
+        "in": "query",
+        "required": False,
+        "description": "top features per record; default: the service's setting",
+        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_EXPLAIN},
+    },
+]
 
-ScoreQuery = Annotated[ScoreType | None, Query(description="score type; default: the model's")]
-ExplainQuery = Annotated[int | None, Query(ge=0, le=1000, description="top features per record")]
+
+def query_options(request: Request, scorer: Scorer, settings: Settings) -> tuple[str | None, int]:
+    """(score type or None for the model's default, top features per record) from the query
+    string; or raise InvalidParameters (422) naming each bad parameter."""
+    if not request.scope["query_string"]:
+        return None, settings.explain
+    q = request.query_params
+    score, explain = q.get("score"), q.get("explain")
+    errors = []
+    if score is not None and score not in scorer.manifest.score_types:
+        allowed = ", ".join(scorer.manifest.score_types)
+        errors.append(_param_error("score", "literal_error", f"expected one of {allowed}"))
+    k = settings.explain
+    if explain is not None:
+        try:
+            k = int(explain)
+        except ValueError:
+            errors.append(_param_error("explain", "int_parsing", "expected an integer"))
+        else:
+            if not 0 <= k <= MAX_EXPLAIN:
+                errors.append(_param_error("explain", "out_of_range", f"0 to {MAX_EXPLAIN}"))
+    if errors:
+        raise InvalidParameters("invalid query parameters", errors)
+    return score, k
 
 
-@router.post("/score", response_model=ScoreResponse, response_class=JSON, summary="Score records")
-async def score_records(
-    request: Request,
-    scorer: ScorerDep,
-    settings: SettingsDep,
-    score: ScoreQuery = None,
-    explain: ExplainQuery = None,
-) -> JSON:
+def _param_error(field: str, reason: str, message: str) -> dict[str, Any]:
+    return {"record": None, "field": field, "reason": reason, "message": message}
+
+
+@router.post(
+    "/score",
+    response_model=ScoreResponse,
+    response_class=JSON,
+    summary="Score records",
+    openapi_extra={"parameters": QUERY_PARAMETERS},
+    responses=ERROR_RESPONSES,
+)
+async def score_records(request: Request) -> JSON:
     """Score 1 to ``max_records`` records. Each result has the score, the verdict, the
-    threshold, the percentile among normal records and the features that drove the score."""
+    threshold, the percentile among normal records and the features that drove the score.
+
+    The service calls this directly for ``POST /v1/score`` (the hot path: no routing or
+    dependency injection), so it takes only the request."""
+    check_api_key(request)
+    scorer = current_scorer(request)
+    settings: Settings = request.app.state.settings
+    score_type, k = query_options(request, scorer, settings)
     body = await read_json(request, settings.max_body_bytes)
-    k = settings.explain if explain is None else explain
     size = (
         len(body["records"])
         if isinstance(body, dict) and isinstance(body.get("records"), list)
         else 0
     )
     columns, n = await offload(size, records_to_columns, body, scorer.manifest, settings)
-    scored = await score_with(request, scorer, columns, n, score)
+    scored = await score_with(request, scorer, columns, n, score_type)
     return JSON(await offload(n, results_json, scorer, scored, k))
 
 
-@router.get("/model", summary="The model being served")
+@router.get(
+    "/model",
+    summary="The model being served",
+    dependencies=[Depends(require_api_key)],
+    responses=ERROR_RESPONSES,
+)
 async def model_info(scorer: ScorerDep) -> dict[str, Any]:
     m = scorer.manifest
     return {

@@ -60,20 +60,28 @@ class Pointer:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, fsync it, rename it over ``path``."""
+    """Write JSON to a temporary file beside ``path``, fsync it, rename it over ``path``.
+
+    The file is made readable by all (mkstemp makes it private), like the bundles: the service
+    often runs as another user than the one who trains and promotes. A write that fails (a full
+    disk) leaves ``path`` as it was and no temporary file, and raises RegistryError saying so.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)
             json.dump(data, f, indent=2)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise RegistryError(f"cannot write {path} ({e.strerror or e}); it is unchanged") from e
         raise
+    fsync_dir(path.parent)
 
 
 class Registry:

@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,8 @@ class Scored:
     is_anomaly: npt.NDArray[np.bool_]
     threshold: float
     percentile: npt.NDArray[np.float64]
-    attribution: npt.NDArray[np.float32]  # [n, n_features]
+    order: npt.NDArray[np.intp]  # [n, n_features]: feature indexes, largest share first
+    shares: npt.NDArray[np.float32]  # [n, n_features]: each feature's share, in that order
     unknown: dict[str, npt.NDArray[np.bool_]]  # feature -> rows with an unseen category
 
 
@@ -73,28 +75,39 @@ class Scorer:
             columns: Mapping[str, Sequence[Any] | np.ndarray] = requests[0][0]
         else:
             columns = {
-                f.name: [v for cols, _ in requests for v in cols[f.name]] for f in m.features
+                k: list(chain.from_iterable(cols[k] for cols, _ in requests))
+                for k in self.feature_names
             }
         enc = self.encode(columns)
         start = time.perf_counter()
         out = self.model.run(enc.inputs)
         elapsed = time.perf_counter() - start
+        # whole-batch array work once (numpy calls cost more than the rows in them), then slices
+        attribution = out["attribution"]
+        order = np.argsort(-attribution, axis=1, kind="stable")
+        shares = np.take_along_axis(attribution, order, axis=1)
+        by_type = {}
+        for st in {score_type or m.default_score for _, score_type in requests}:
+            scores = out[st].astype(np.float64)
+            thr = m.thresholds[st].value  # type: ignore[index]
+            by_type[st] = (scores, scores > thr, thr, self.percentile(st, scores))
+        unknown = {k: v for k, v in enc.unknown.items() if v.any()}
         results = []
         lo = 0
         for cols, score_type in requests:
             hi = lo + len(cols[m.features[0].name])
             st = score_type or m.default_score
-            scores = out[st][lo:hi].astype(np.float64)
-            thr = m.thresholds[st].value  # type: ignore[index]
+            scores, is_anomaly, thr, percentile = by_type[st]
             results.append(
                 Scored(
                     score_type=st,
-                    score=scores,
-                    is_anomaly=scores > thr,
+                    score=scores[lo:hi],
+                    is_anomaly=is_anomaly[lo:hi],
                     threshold=thr,
-                    percentile=self.percentile(st, scores),
-                    attribution=out["attribution"][lo:hi],
-                    unknown={k: v[lo:hi] for k, v in enc.unknown.items() if v[lo:hi].any()},
+                    percentile=percentile[lo:hi],
+                    order=order[lo:hi],
+                    shares=shares[lo:hi],
+                    unknown={k: v[lo:hi] for k, v in unknown.items() if v[lo:hi].any()},
                 )
             )
             lo = hi
@@ -102,9 +115,13 @@ class Scorer:
             metrics.INFERENCE_SECONDS.observe(elapsed)
             metrics.BATCH_SIZE.observe(enc.n_rows)
             metrics.RECORDS_SCORED.inc(enc.n_rows)
-            metrics.ANOMALIES.inc(sum(int(r.is_anomaly.sum()) for r in results))
+            if len(by_type) == 1:
+                anomalies = int(next(iter(by_type.values()))[1].sum())
+            else:
+                anomalies = int(sum(r.is_anomaly.sum() for r in results))
+            metrics.ANOMALIES.inc(anomalies)
             metrics.observe_many(self.score_histogram, out[m.default_score].astype(np.float64))
-            for name, rows in enc.unknown.items():
+            for name, rows in unknown.items():
                 metrics.UNKNOWN_CATEGORY.labels(name).inc(int(rows.sum()))
         return results
 
@@ -124,15 +141,18 @@ class Scorer:
         self.ready = True
 
 
-def top_features(names: list[str], attribution: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+def top_features(names: list[str], scored: Scored, k: int) -> list[list[dict[str, Any]]]:
     """The ``k`` features with the largest share of each record's score (zero shares left out)."""
+    n = len(scored.score)
     if k <= 0:
-        return [[] for _ in range(len(attribution))]
-    k = min(k, attribution.shape[1])
-    idx = np.argsort(-attribution, axis=1, kind="stable")[:, :k]
-    out = []
-    for row, cols in zip(attribution, idx, strict=True):
-        out.append(
-            [{"name": names[c], "share": round(float(row[c]), 4)} for c in cols if row[c] > 0]
+        return [[] for _ in range(n)]
+    return [
+        [
+            {"name": names[c], "share": round(v, 4)}
+            for c, v in zip(cols, vals, strict=False)
+            if v > 0
+        ]
+        for cols, vals in zip(
+            scored.order[:, :k].tolist(), scored.shares[:, :k].tolist(), strict=True
         )
-    return out
+    ]

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(None, description="bearer token for /v1/admin/*")
     admin_token_file: Path | None = Field(None, description="file holding the admin token")
+    api_keys: SecretStr | None = Field(
+        None, description="API keys for scoring, comma-separated (none: scoring is open)"
+    )
+    api_keys_file: Path | None = Field(None, description="file of API keys, one per line")
     sink_dir: Path | None = Field(None, description="write records scored as normal here (JSONL)")
     sink_max_percentile: float = Field(90.0, gt=0, le=100, description="only records below this")
     sink_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="rotate files at this size")
@@ -35,6 +39,9 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="worker processes")
     max_records: int = Field(10_000, ge=1, description="records per request, at most")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request body size limit")
+    request_timeout: float = Field(
+        30.0, gt=0, le=3600, description="seconds a request may take before a 503"
+    )
     max_string_length: int = Field(256, ge=1, description="longest category string accepted")
     unknown_fields: Literal["reject", "ignore"] = Field(
         "reject", description="what to do with a record field the model does not know"
@@ -55,6 +62,8 @@ class Settings(BaseSettings):
             raise ValueError("give a bundle or a registry, not both")
         if self.admin_token is not None and self.admin_token_file is not None:
             raise ValueError("give admin_token or admin_token_file, not both")
+        if self.api_keys is not None and self.api_keys_file is not None:
+            raise ValueError("give api_keys or api_keys_file, not both")
         return self
 
     def admin_secret(self) -> str | None:
@@ -66,6 +75,21 @@ class Settings(BaseSettings):
         else:
             return None
         return token or None
+
+    def api_key_list(self) -> list[str] | None:
+        """The API keys for scoring (from the variable or the file; in the file one per line,
+        ``#`` comments and blank lines skipped); None: scoring needs no key."""
+        if self.api_keys is not None:
+            keys = [k.strip() for k in self.api_keys.get_secret_value().split(",")]
+        elif self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            keys = [k.strip() for k in lines if not k.strip().startswith("#")]
+        else:
+            return None
+        keys = [k for k in keys if k]
+        if not keys:
+            raise SettingsError("the API key setting holds no key")
+        return keys
 
 
 class SettingsError(ValueError):

@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from service import __version__
+from service.auth import require_api_key
 from service.bundle import BooleanFeature, CategoricalFeature, NumericFeature
-from service.errors import BadRequest, NotFound
+from service.errors import V2_ERROR_RESPONSES, BadRequest, NotFound
 from service.http import JSON, ScorerDep, SettingsDep, offload, read_json
 from service.http import score as score_with
 from service.scoring import Scorer
@@ -54,7 +55,8 @@ def _check_model(scorer: Scorer, name: str, version: str | None) -> None:
         raise NotFound(f"model {name!r} has no version {version!r}; serving {m.version!r}")
 
 
-def _flatten(data: Any) -> list[Any]:
+def _flatten(data: Any, depth: int) -> list[Any]:
+    """Tensor data, flat or nested as its shape, as one flat list; at most ``depth`` levels."""
     if not isinstance(data, list):
         raise BadRequest("tensor data must be a JSON array")
     out: list[Any] = []
@@ -62,6 +64,8 @@ def _flatten(data: Any) -> list[Any]:
     while stack:
         for item in stack[-1]:
             if isinstance(item, list):
+                if len(stack) >= depth:
+                    raise BadRequest(f"tensor data nests deeper than its shape ({depth} levels)")
                 stack.append(iter(item))
                 break
             out.append(item)
@@ -89,7 +93,7 @@ def _column(
         or (len(shape) == 2 and shape[1] != 1)
     ):
         raise BadRequest(f"input {name!r}: shape must be [N] or [N, 1], got {shape!r}")
-    values = _flatten(t.get("data"))
+    values = _flatten(t.get("data"), len(shape))
     if len(values) != shape[0]:
         raise BadRequest(
             f"input {name!r}: shape {shape} holds {shape[0]} values, data has {len(values)}"
@@ -101,13 +105,17 @@ def _column(
                 raise BadRequest(f"input {name!r}[{i}]: null, but this feature is required")
             out.append(None)
         elif kind == "numeric":
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise BadRequest(f"input {name!r}[{i}]: expected a finite number, got {v!r}")
+            try:
+                ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
+            except OverflowError:  # an integer beyond any float
+                ok = False
+            if not ok:
+                raise BadRequest(f"input {name!r}[{i}]: expected a finite number, got {v!r:.40}")
             out.append(float(v))
         elif kind == "boolean":
             if not isinstance(v, bool):
                 raise BadRequest(f"input {name!r}[{i}]: expected true or false, got {v!r}")
-            out.append(float(v))
+            out.append(v)
         else:
             if not isinstance(v, str):
                 raise BadRequest(f"input {name!r}[{i}]: expected a string, got {v!r}")
@@ -133,8 +141,14 @@ async def ready(request: Request) -> Response:
     return Response(status_code=200 if scorer is not None and scorer.ready else 400)
 
 
-@router.get("/models/{name}", summary="Model metadata")
-@router.get("/models/{name}/versions/{version}", summary="Model metadata (a version)")
+PROTECTED: dict[str, Any] = {
+    "dependencies": [Depends(require_api_key)],
+    "responses": V2_ERROR_RESPONSES,
+}
+
+
+@router.get("/models/{name}", summary="Model metadata", **PROTECTED)
+@router.get("/models/{name}/versions/{version}", summary="Model metadata (a version)", **PROTECTED)
 async def model_metadata(
     name: str, scorer: ScorerDep, version: str | None = None
 ) -> dict[str, Any]:
@@ -210,8 +224,10 @@ def _parse(
     return columns, n, score_type, names
 
 
-@router.post("/models/{name}/infer", summary="Inference")
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference (a version)")
+@router.post("/models/{name}/infer", summary="Inference", **PROTECTED)
+@router.post(
+    "/models/{name}/versions/{version}/infer", summary="Inference (a version)", **PROTECTED
+)
 async def infer(
     name: str,
     request: Request,
@@ -222,7 +238,11 @@ async def infer(
     _check_model(scorer, name, version)
     body = await read_json(request, settings.max_body_bytes)
     size = (
-        sum(len(t.get("data") or []) for t in body.get("inputs") or [] if isinstance(t, dict))
+        sum(
+            len(t["data"])
+            for t in body["inputs"]
+            if isinstance(t, dict) and isinstance(t.get("data"), list)
+        )
         if isinstance(body, dict) and isinstance(body.get("inputs"), list)
         else 0
     )
