@@ -7,10 +7,19 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from service.auth import require_admin
-from service.errors import Conflict
+from service.errors import ERROR_RESPONSES, Conflict, ErrorBody
 from service.lifecycle import ModelManager
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses={
+        **{k: v for k, v in ERROR_RESPONSES.items() if k in (401, 403)},
+        404: {"model": ErrorBody, "description": "admin endpoints are off (no admin token)"},
+        409: {"model": ErrorBody, "description": "the new version was refused"},
+    },
+)
 
 
 @router.post("/reload", summary="Load the serving version now (instead of at the next poll)")

@@ -15,6 +15,8 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
@@ -159,7 +161,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSON:
-        return JSON(_error_body(request, str(exc.detail), []), status_code=exc.status_code)
+        body = _error_body(request, str(exc.detail), [])
+        return JSON(body, status_code=exc.status_code, headers=exc.headers)  # e.g. 405's Allow
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSON:
@@ -167,7 +170,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def install_openapi(app: FastAPI) -> None:
-    """Put the served model's request schema (real fields, types, categories) into /openapi.json."""
+    """/openapi.json describes the service as it runs: the served model's request schema (real
+    fields, types, categories, limits), the V2 inference request, and the credentials each
+    operation needs (the admin token; API keys when configured)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -175,19 +180,35 @@ def install_openapi(app: FastAPI) -> None:
         schema = get_openapi(
             title=app.title, version=app.version, routes=app.routes, description=app.description
         )
+        settings: Settings = app.state.settings
+        comps = schema.setdefault("components", {})
+        models = comps.setdefault("schemas", {})
         scorer: Scorer | None = app.state.models.scorer
+        bodies: dict[str, type[BaseModel]] = {"InferenceRequest": v2.InferenceRequest}
         if scorer is not None:
-            req = native.request_model(scorer.manifest, app.state.settings.max_records)
-            js = req.model_json_schema(ref_template="#/components/schemas/{model}")
-            comps = schema.setdefault("components", {}).setdefault("schemas", {})
-            comps.update(js.pop("$defs", {}))
-            comps["ScoreRequest"] = js
+            bodies["ScoreRequest"] = native.request_model(
+                scorer.manifest, settings.max_records, settings.max_string_length
+            )
             schema["paths"]["/v1/score"]["post"]["requestBody"] = {
                 "required": True,
                 "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}
                 },
             }
+        for name, model in bodies.items():
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            models.update(js.pop("$defs", {}))
+            models[name] = js
+        schemes = comps.setdefault("securitySchemes", {})
+        schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+        if app.state.api_keys is not None:
+            schemes["apiKey"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+        for path, ops in schema["paths"].items():
+            for op in ops.values():
+                if path.startswith("/v1/admin/"):
+                    op["security"] = [{"bearer": []}]
+                elif app.state.api_keys is not None and "401" in op.get("responses", {}):
+                    op["security"] = [{"bearer": []}, {"apiKey": []}]
         app.openapi_schema = schema
         return schema
 
@@ -270,7 +291,9 @@ def create_app(settings: Settings) -> ServiceApp:
             return JSON({"status": "not ready"}, status_code=503)
         return JSON({"status": "ready", "model": scorer.manifest.name, "version": scorer.version})
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    @app.get(
+        "/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse
+    )
     async def prometheus_metrics() -> Response:
         body, ctype = metrics.exposition()
         return Response(body, media_type=ctype)

@@ -132,12 +132,47 @@ class ModelManager:
         )
 
     async def start(self) -> None:
-        """Load the first model; raise if it cannot be served."""
+        """Load the first model; raise if there is none to serve.
+
+        With a registry, if the serving version cannot be loaded (it is refused, as at a poll),
+        the newest earlier serving version that loads serves instead: the one the running
+        workers kept when they refused it. A worker that uvicorn starts again after a crash
+        then joins them, rather than failing its start-up, which makes uvicorn stop every
+        worker. The refused version is handled at later polls as usual.
+        """
         if self.settings.bundle is None and self.settings.registry is None:
             return
         result = await self.reload()
+        if self.scorer is None and self.registry is not None:
+            refused = self._refused
+            scorer = await run_in_threadpool(self._earlier)
+            if scorer is not None:
+                self._swap(scorer)
+                self._refused = refused  # still refused: not retried at every poll
+                log.warning(
+                    "serving an earlier version: the serving one cannot be loaded",
+                    extra={"version": scorer.version, "reason": result.error},
+                )
         if self.scorer is None:
             raise RuntimeError(f"no model to serve: {result.error or 'none is serving'}")
+
+    def _earlier(self) -> Scorer | None:
+        """The newest version of the pointer's history that loads, or None."""
+        assert self.registry is not None
+        try:
+            history = self.registry.pointer().history
+        except RegistryError:
+            return None
+        for version in reversed(history):
+            try:
+                scorer = Scorer(
+                    self.registry.read(version), threads=self.settings.inference_threads
+                )
+                scorer.warm_up()
+            except (BundleError, RegistryError, OSError, RuntimeError):
+                continue
+            return scorer
+        return None
 
     async def watch(self) -> None:
         """Poll for a new version until cancelled."""

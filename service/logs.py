@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any
 
+import orjson
+
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 # attributes every LogRecord has; anything else was passed as extra= and is logged as a field
@@ -19,10 +21,18 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
 
 
 class JSONFormatter(logging.Formatter):
+    """A JSON object per record (orjson: a log line per request must cost little)."""
+
+    _second = -1
+    _stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -33,7 +43,10 @@ class JSONFormatter(logging.Formatter):
         out.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        try:
+            return orjson.dumps(out, default=str).decode()
+        except TypeError:  # e.g. an integer beyond 64 bits
+            return json.dumps(out, default=str)
 
 
 def setup(level: str = "info") -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -29,6 +29,7 @@ MAX_LISTED_ERRORS = 100
 ScoreType = Literal["elbo", "recon", "iwae"]
 SCORE_TYPES = ("elbo", "recon", "iwae")
 MAX_EXPLAIN = 1000
+FLOAT_MAX = 1.7976931348623157e308
 
 
 # ---------------------------------------------------------------- record validation
@@ -63,7 +64,7 @@ def _check(
     if isinstance(f, BooleanFeature):
         if isinstance(v, bool):
             return v, None, ""
-        if isinstance(v, int) and v in (0, 1):
+        if isinstance(v, int | float) and v in (0, 1):  # 1.0 is the number 1 in JSON
             return bool(v), None, ""
         return None, "wrong_type", f"expected true or false, got {type(v).__name__}"
     if isinstance(v, str):
@@ -72,6 +73,8 @@ def _check(
         return v, None, ""
     if isinstance(v, int) and not isinstance(v, bool):
         return str(v), None, ""
+    if isinstance(v, float) and v.is_integer():  # 7.0 is the integer 7 in JSON
+        return str(int(v)), None, ""
     return None, "wrong_type", f"expected a string, got {type(v).__name__}"
 
 
@@ -160,7 +163,7 @@ def records_to_columns(body: Any, m: Manifest, s: Settings) -> tuple[dict[str, l
                 }
             ],
         )
-    extra = sorted(set(body) - {"records"})
+    extra = sorted(body.keys() - {"records"}) if len(body) > 1 else []
     records = body["records"]
     n = len(records)
     if extra:
@@ -243,34 +246,39 @@ def records_to_columns(body: Any, m: Manifest, s: Settings) -> tuple[dict[str, l
 # ---------------------------------------------------------------- OpenAPI schema of a model
 
 
-def request_model(m: Manifest, max_records: int) -> type[BaseModel]:
-    """A pydantic model of the score request for this bundle's features (for /docs only)."""
+def request_model(m: Manifest, max_records: int, max_string_length: int) -> type[BaseModel]:
+    """A pydantic model of the score request for this bundle's features (for the OpenAPI
+    schema only: validation is :func:`records_to_columns`, which accepts exactly this)."""
     fields: dict[str, Any] = {}
     for f in m.features:
         typ: Any
         if isinstance(f, NumericFeature):
-            typ, desc = float, f"number; seen in training from {f.min:g} to {f.max:g}"
+            typ = Annotated[float, Field(ge=-FLOAT_MAX, le=FLOAT_MAX)]
+            desc = f"number; seen in training from {f.min:g} to {f.max:g}"
         elif isinstance(f, BooleanFeature):
-            typ, desc = bool, "true or false"
+            typ, desc = bool | Literal[0, 1], "true or false (or 1 or 0)"
         else:
             cats = [c for c in f.categories if c not in (UNKNOWN_TOKEN, MISSING_TOKEN)]
-            typ = str
+            typ = Annotated[str, Field(max_length=max_string_length)] | int
             desc = (
                 "one of "
                 + ", ".join(repr(c) for c in cats[:50])
                 + (" ..." if len(cats) > 50 else "")
-                + "; other values are scored as never seen and flagged"
+                + "; other values are scored as never seen and flagged; an integer is read as "
+                "its decimal string (then usually never seen)"
             )
         if f.nullable:
             fields[f.name] = (typ | None, Field(None, description=desc + "; may be null"))
         else:
             fields[f.name] = (typ, Field(..., description=desc + "; required"))
-    doc = "One record. " + (
-        f"Also accepted and ignored: {', '.join(m.ignored_columns)}." if m.ignored_columns else ""
+    for c in m.ignored_columns:
+        fields[c] = (Any, Field(None, description="accepted and ignored (excluded in training)"))
+    record = create_model(
+        "Record", __config__=ConfigDict(extra="forbid"), __doc__="One record.", **fields
     )
-    record = create_model("Record", __config__=ConfigDict(extra="forbid"), __doc__=doc, **fields)
     return create_model(
         "ScoreRequest",
+        __config__=ConfigDict(extra="forbid"),
         records=(list[record], Field(..., min_length=1, max_length=max_records)),  # type: ignore[valid-type]
     )
 
@@ -392,10 +400,9 @@ def _param_error(field: str, reason: str, message: str) -> dict[str, Any]:
 )
 async def score_records(request: Request) -> JSON:
     """Score 1 to ``max_records`` records. Each result has the score, the verdict, the
-    threshold, the percentile among normal records and the features that drove the score.
-
-    The service calls this directly for ``POST /v1/score`` (the hot path: no routing or
-    dependency injection), so it takes only the request."""
+    threshold, the percentile among normal records and the features that drove the score."""
+    # ServiceApp calls this directly (the hot path: no routing or dependency injection), so it
+    # takes only the request and does its own checks
     check_api_key(request)
     scorer = current_scorer(request)
     settings: Settings = request.app.state.settings

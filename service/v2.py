@@ -10,9 +10,10 @@ out (all missing) or hold ``null`` entries. Outputs ``score`` (FP64), ``is_anoma
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, Field
 
 from service import __version__
 from service.auth import require_api_key
@@ -39,6 +40,51 @@ NUMERIC_TYPES = {
 OUTPUTS = {"score": "FP64", "is_anomaly": "BOOL", "percentile": "FP64"}
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+
+
+# ---------------------------------------------------------------- the request, for OpenAPI only
+
+
+class InferenceTensor(BaseModel):
+    name: str = Field(description="a feature name")
+    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=2)] = Field(
+        description="[N] or [N, 1]"
+    )
+    datatype: Literal[
+        "BOOL",
+        "BYTES",
+        "FP16",
+        "FP32",
+        "FP64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+    ]
+    data: list[Any] = Field(description="N values, flat or nested as the shape")
+    parameters: dict[str, Any] | None = None
+
+
+class InferenceParameters(BaseModel):
+    score_type: Literal["elbo", "recon", "iwae"] | None = None
+
+
+class RequestedOutput(BaseModel):
+    name: Literal["score", "is_anomaly", "percentile"]
+    parameters: dict[str, Any] | None = None
+
+
+class InferenceRequest(BaseModel):
+    """An inference request: one tensor per feature (validated by :func:`_parse`)."""
+
+    id: Any = Field(None, description="echoed in the response")
+    parameters: InferenceParameters | None = None
+    inputs: list[InferenceTensor] = Field(min_length=1)
+    outputs: list[RequestedOutput] | None = None
 
 
 def _datatype(f: NumericFeature | BooleanFeature | CategoricalFeature) -> str:
@@ -130,12 +176,21 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": "vae-anomaly", "version": __version__, "extensions": []}
 
 
-@router.get("/health/live", summary="Server live")
+EMPTY: dict[str, Any] = {"response_class": Response}
+NOT_READY: dict[int | str, dict[str, Any]] = {400: {"description": "not ready", "content": None}}
+
+
+@router.get("/health/live", summary="Server live", responses={200: {"content": None}}, **EMPTY)
 async def live() -> Response:
     return Response(status_code=200)
 
 
-@router.get("/health/ready", summary="Server ready")
+@router.get(
+    "/health/ready",
+    summary="Server ready",
+    responses={200: {"content": None}, **NOT_READY},
+    **EMPTY,
+)
 async def ready(request: Request) -> Response:
     scorer: Scorer | None = request.app.state.models.scorer
     return Response(status_code=200 if scorer is not None and scorer.ready else 400)
@@ -163,8 +218,16 @@ async def model_metadata(
     }
 
 
-@router.get("/models/{name}/ready", summary="Model ready")
-@router.get("/models/{name}/versions/{version}/ready", summary="Model ready (a version)")
+MODEL_READY: dict[str, Any] = {
+    "responses": {200: {"content": None}, **V2_ERROR_RESPONSES},
+    "response_class": Response,
+}
+
+
+@router.get("/models/{name}/ready", summary="Model ready", **MODEL_READY)
+@router.get(
+    "/models/{name}/versions/{version}/ready", summary="Model ready (a version)", **MODEL_READY
+)
 async def model_ready(name: str, scorer: ScorerDep, version: str | None = None) -> Response:
     _check_model(scorer, name, version)
     return Response(status_code=200)
@@ -179,7 +242,9 @@ def _parse(
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
         raise BadRequest("'inputs' must be a list of tensor objects")
-    params = body.get("parameters") or {}
+    params = body.get("parameters")
+    if params is None:
+        params = {}
     if not isinstance(params, dict):
         raise BadRequest("'parameters' must be an object")
     score_type = params.get("score_type")
@@ -224,10 +289,21 @@ def _parse(
     return columns, n, score_type, names
 
 
-@router.post("/models/{name}/infer", summary="Inference", **PROTECTED)
-@router.post(
-    "/models/{name}/versions/{version}/infer", summary="Inference (a version)", **PROTECTED
-)
+INFER: dict[str, Any] = {
+    **PROTECTED,
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}
+            },
+        }
+    },
+}
+
+
+@router.post("/models/{name}/infer", summary="Inference", **INFER)
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference (a version)", **INFER)
 async def infer(
     name: str,
     request: Request,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -80,9 +81,10 @@ def test_settings_come_from_the_environment(bundle_dir: Path, tmp_path: Path) ->
         rid = "trace-me-42"
         httpx.post(f"{s.url}/v1/score", json=body, headers={"X-Request-ID": rid}, timeout=30)
         time.sleep(0.3)
+        lines = [json.loads(x) for x in s.logs().splitlines() if x.startswith("{")]
         assert any(
-            f'"request_id": "{rid}"' in line and '"route": "/v1/score"' in line
-            for line in s.logs().splitlines()
+            x.get("request_id") == rid and x.get("route") == "/v1/score" and x["status"] == 200
+            for x in lines
         )
 
 
