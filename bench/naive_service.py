@@ -12,17 +12,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import numpy as np
-import torch
 import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
-
-from service.bundle import read_bundle
-from service.features import encode_columns
-from training.model import VAE, Preprocess, ScoringGraph
-from training.retrain import serving_weights
-from training.train import layout_of
 
 
 class Request(BaseModel):
@@ -30,6 +22,17 @@ class Request(BaseModel):
 
 
 def naive_app(bundle_dir: str) -> FastAPI:
+    # imported here: the trivial server must not carry torch (its objects slow the collector)
+    import numpy as np
+    import torch
+
+    from service.bundle import read_bundle
+    from service.features import encode_columns
+    from training.model import VAE, Preprocess, ScoringGraph
+    from training.retrain import serving_weights
+    from training.train import layout_of
+
+    torch.set_num_threads(1)
     bundle = read_bundle(bundle_dir)
     m = bundle.manifest
     layout = layout_of(list(m.features))
@@ -69,7 +72,6 @@ def trivial_app() -> FastAPI:
 
 if __name__ == "__main__":
     kind, bundle_dir, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    torch.set_num_threads(1)
     app = naive_app(bundle_dir) if kind == "naive" else trivial_app()
     uvicorn.run(
         app, host="127.0.0.1", port=port, log_level="warning", loop="uvloop", http="httptools"

@@ -6,12 +6,16 @@ Prints medians over repeats, measured in this one run:
 1. onnxruntime call time by batch size with 1 and 2 intra-op threads;
 2. the steps of a native /v1/score request of 1, 64 and 1,000 records, in process (no HTTP):
    validation, encoding + inference, building the result objects, JSON encoding (orjson vs the
-   standard library).
+   standard library);
+3. CPU time per single-record request through the whole ASGI app, in process (no sockets),
+   64 at a time: the service (micro-batching on) against a FastAPI endpoint that returns a
+   constant. What is left between them is the per-request cost that HTTP load tests see.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import sys
@@ -21,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from naive_service import trivial_app  # type: ignore[import-not-found]  # beside this script
 
+from service.app import create_app
 from service.features import encode_columns
 from service.native import records_to_columns, results_json
 from service.runtime import OnnxModel
@@ -86,7 +92,70 @@ def main() -> int:
         oj = median_ms(lambda x=res: orjson.dumps(x), rep)
         js = median_ms(lambda x=res: json.dumps(x), rep)
         print(f"{n:>7} | {v:8.3f} | {s:8.3f} | {r:8.3f} | {oj:8.3f} | {js:8.3f}")
+
+    print("\n3. CPU per single-record request through the ASGI app, 64 concurrent (median of 5)")
+    body = orjson.dumps({"records": recs[:1]})
+    for name, make in (
+        ("service", lambda: create_app(Settings(bundle=a.bundle, log_level="warning"))),
+        ("trivial FastAPI endpoint", trivial_app),
+    ):
+        us = asyncio.run(asgi_cpu_per_request(make(), body, 64, 4000, 5))
+        print(f"   {name}: {us:.0f} us")
     return 0
+
+
+async def asgi_cpu_per_request(app: Any, body: bytes, conc: int, n: int, repeat: int) -> float:
+    """Median process CPU time (microseconds) per POST /v1/score driven straight into ``app``."""
+
+    async def one() -> None:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/score",
+            "raw_path": b"/v1/score",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 2),
+            "state": {},
+        }
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        status: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        await app(scope, receive, send)
+        assert status == [200], status
+
+    async def drive(count: int) -> None:
+        gate = asyncio.Semaphore(conc)
+
+        async def gated() -> None:
+            async with gate:
+                await one()
+
+        await asyncio.gather(*(gated() for _ in range(count)))
+
+    async with app.router.lifespan_context(app):
+        await drive(500)  # warm-up
+        runs = []
+        for _ in range(repeat):
+            c0 = time.process_time()
+            await drive(n)
+            runs.append((time.process_time() - c0) / n * 1e6)
+    return statistics.median(runs)
 
 
 if __name__ == "__main__":

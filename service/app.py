@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import os
 import re
@@ -34,6 +35,16 @@ log = logging.getLogger("vae_anomaly")
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}\Z")
 
 
+_ID_PREFIX = os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """Unique per process and start (a random prefix and a counter): a syscall for fresh
+    randomness on every request costs more than the rest of the request id handling."""
+    return f"{_ID_PREFIX}-{next(_id_counter):x}"
+
+
 class ServiceApp(FastAPI):
     """FastAPI, plus what every HTTP request goes through first: a request id (from
     ``X-Request-ID`` or new, echoed back), the request timeout, metrics by route template and
@@ -56,7 +67,7 @@ class ServiceApp(FastAPI):
         for k, v in scope["headers"]:
             if k == b"x-request-id":
                 given = v
-        rid = given.decode("latin-1") if given and REQUEST_ID.match(given) else os.urandom(16).hex()
+        rid = given.decode("latin-1") if given and REQUEST_ID.match(given) else new_request_id()
         token = logs.request_id.set(rid)
         status = 0
         start = time.perf_counter()
@@ -88,7 +99,7 @@ class ServiceApp(FastAPI):
             if route is None:
                 route = getattr(scope.get("route"), "path", None) or "unmatched"
             metrics.request_done(scope["method"], route, status or 500, elapsed)
-            if route not in QUIET_ROUTES:
+            if route not in QUIET_ROUTES and log.isEnabledFor(logging.INFO):
                 log.info(
                     "request",
                     extra={

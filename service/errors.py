@@ -41,6 +41,14 @@ class PayloadTooLarge(ServiceError):
     reason = "body_too_large"
 
 
+class ClientClosed(ServiceError):
+    """The client went away before its request was read: no one gets the answer; counted and
+    logged as 499 (the client's doing, not a server error)."""
+
+    status_code = 499
+    reason = "client_closed"
+
+
 class NotFound(ServiceError):
     status_code = 404
 

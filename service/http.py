@@ -10,10 +10,9 @@ import orjson
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 
 from service.batching import MicroBatcher
-from service.errors import InvalidJSON, NotReady, PayloadTooLarge
+from service.errors import ClientClosed, InvalidJSON, NotReady, PayloadTooLarge
 from service.scoring import Scored, Scorer
 from service.settings import Settings
 from service.sink import NormalSink
@@ -67,16 +66,16 @@ async def score(
         scored = await batcher.score(scorer, columns, n, score_type)
     else:
         scored = await run_in_threadpool(scorer.score, columns, score_type)
-    await offload(n, sink_records, request, scorer, columns, scored)
+    if request.app.state.sink is not None:
+        await offload(n, sink_records, request, scorer, columns, scored)
     return scored
 
 
 def sink_records(request: Request, scorer: Scorer, columns: Any, scored: Scored) -> None:
-    """Hand the records scored as normal to the sink, if one is configured."""
-    sink: NormalSink | None = request.app.state.sink
-    if sink is not None:
-        below = request.app.state.settings.sink_max_percentile
-        sink.offer(scorer.manifest, columns, scored.is_anomaly, scored.percentile, below)
+    """Hand the records scored as normal to the sink."""
+    sink: NormalSink = request.app.state.sink
+    below = request.app.state.settings.sink_max_percentile
+    sink.offer(scorer.manifest, columns, scored.is_anomaly, scored.percentile, below)
 
 
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]
@@ -96,7 +95,7 @@ async def read_json(request: Request, limit: int) -> Any:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
+            raise ClientClosed("the client closed the connection before sending its request")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

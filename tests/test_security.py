@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.bundle import read_bundle
 from tests.conftest import Server, cli_executable, run_server
@@ -125,6 +126,30 @@ def test_a_request_that_stalls_is_answered_503_and_the_server_goes_on(keyed: Ser
     assert r.status_code == 200
     lines = [json.loads(x) for x in keyed.logs().splitlines() if x.startswith("{")]
     assert any(x.get("route") == "/v1/score" and x.get("status") == 503 for x in lines)
+
+
+def test_a_client_that_hangs_up_mid_body_is_no_server_error(keyed: Server) -> None:
+    host, port = keyed.url.removeprefix("http://").split(":")
+    for path in ("/v1/score", "/v2/models/payments/infer"):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+                + f"X-API-Key: {KEYS[0]}\r\nContent-Length: 1000\r\n\r\n".encode()
+                + b'{"records": ['
+            )
+            time.sleep(0.3)
+    time.sleep(0.5)
+    text = httpx.get(f"{keyed.url}/metrics", timeout=10).text
+    samples = {
+        (s.labels.get("route"), s.labels.get("status")): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "vae_anomaly_http_requests_total"
+    }
+    for route in ("/v1/score", "/v2/models/{name}/infer"):
+        assert samples.get((route, "499")) == 1, samples
+        assert (route, "500") not in samples
+    assert "unexpected error" not in keyed.logs()
 
 
 # ---------------------------------------------------------------- hostile bodies, open server
