@@ -13,11 +13,13 @@ from service import metrics
 from service.auth import check_api_key, require_api_key
 from service.bundle import (
     MISSING_TOKEN,
+    SCORE_TYPES,
     UNKNOWN_TOKEN,
     BooleanFeature,
     CategoricalFeature,
     Manifest,
     NumericFeature,
+    ScoreType,
 )
 from service.errors import ERROR_RESPONSES, InvalidParameters, InvalidRecords
 from service.http import JSON, ScorerDep, current_scorer, offload, read_json
@@ -26,8 +28,6 @@ from service.scoring import Scored, Scorer, top_features
 from service.settings import Settings
 
 MAX_LISTED_ERRORS = 100
-ScoreType = Literal["elbo", "recon", "iwae"]
-SCORE_TYPES = ("elbo", "recon", "iwae")
 MAX_EXPLAIN = 1000
 FLOAT_MAX = 1.7976931348623157e308
 

@@ -10,33 +10,25 @@ out (all missing) or hold ``null`` entries. Outputs ``score`` (FP64), ``is_anoma
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 
 from service import __version__
 from service.auth import require_api_key
-from service.bundle import BooleanFeature, CategoricalFeature, NumericFeature
+from service.bundle import BooleanFeature, CategoricalFeature, NumericFeature, ScoreType
 from service.errors import V2_ERROR_RESPONSES, BadRequest, NotFound
 from service.http import JSON, ScorerDep, SettingsDep, offload, read_json
 from service.http import score as score_with
 from service.scoring import Scorer
 from service.settings import Settings
 
-NUMERIC_TYPES = {
-    "FP16",
-    "FP32",
-    "FP64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-}
+Datatype = Literal[
+    "BOOL", "BYTES", "FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64",
+    "UINT8", "UINT16", "UINT32", "UINT64",
+]  # fmt: skip
+NUMERIC_TYPES = set(get_args(Datatype)) - {"BOOL", "BYTES"}
 OUTPUTS = {"score": "FP64", "is_anomaly": "BOOL", "percentile": "FP64"}
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -50,27 +42,13 @@ class InferenceTensor(BaseModel):
     shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=2)] = Field(
         description="[N] or [N, 1]"
     )
-    datatype: Literal[
-        "BOOL",
-        "BYTES",
-        "FP16",
-        "FP32",
-        "FP64",
-        "INT8",
-        "INT16",
-        "INT32",
-        "INT64",
-        "UINT8",
-        "UINT16",
-        "UINT32",
-        "UINT64",
-    ]
+    datatype: Datatype
     data: list[Any] = Field(description="N values, flat or nested as the shape")
     parameters: dict[str, Any] | None = None
 
 
 class InferenceParameters(BaseModel):
-    score_type: Literal["elbo", "recon", "iwae"] | None = None
+    score_type: ScoreType | None = None
 
 
 class RequestedOutput(BaseModel):
