@@ -16,6 +16,7 @@ import httpx
 import pandas as pd
 import pytest
 
+from service.registry import Registry, new_version
 from training.config import TrainConfig
 from training.demo_data import generate_payments
 from training.train import Result, train_bundle
@@ -51,6 +52,26 @@ def trained(train_df: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def bundle_dir(trained: Result) -> Path:
     return trained.path
+
+
+def add_version(
+    reg: Registry, df: pd.DataFrame, seed: int = 0, promote: bool = False, epochs: int = 8
+) -> str:
+    """Train a small model on ``df`` into a new version of ``reg`` (and promote it)."""
+    v = new_version()
+    train_bundle(
+        df,
+        reg.version_path(v),
+        small_config(epochs=epochs, seed=seed),
+        source="t.csv",
+        data_fingerprint="t",
+        progress=False,
+        version=v,
+        parent_version=reg.serving(),
+    )
+    if promote:
+        reg.promote(v)
+    return v
 
 
 # ---------------------------------------------------------------- a real server in a subprocess

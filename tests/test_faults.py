@@ -9,6 +9,7 @@ test_lifecycle.py; this file reuses its helpers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,12 +28,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.bundle import MANIFEST_FILE, MODEL_FILE, read_bundle
 from service.registry import POINTER, VERSIONS, Registry, new_version
-from tests.conftest import Server, cli_executable, free_port, run_server, small_config
+from tests.conftest import Server, add_version, cli_executable, free_port, run_server
 from tests.test_lifecycle import Load, fresh_registry
 from tests.test_service import metric_samples, records, value
 from training.cli import main
 from training.demo_data import generate_payments
-from training.train import train_bundle
 
 POLL = "0.3"  # seconds between the service's pointer checks
 REFUSED = "model not loaded; keeping the serving one"  # the service's log message
@@ -43,17 +43,7 @@ def registry_src(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, s
     """A registry with v1 serving and v2 (v1's model under a newer version) not promoted."""
     tmp = tmp_path_factory.mktemp("faults")
     reg = Registry(tmp / "registry", create=True)
-    v1 = new_version()
-    train_bundle(
-        generate_payments(1000, seed=90),
-        reg.version_path(v1),
-        small_config(epochs=3),
-        source="t.csv",
-        data_fingerprint="t",
-        progress=False,
-        version=v1,
-    )
-    reg.promote(v1)
+    v1 = add_version(reg, generate_payments(1000, seed=90), promote=True, epochs=3)
     v2 = copy_version(reg, v1, tmp)
     return reg.root, v1, v2
 
@@ -87,6 +77,20 @@ class Steady(Load):
                     self.results.append((r.status_code, version))
                 except httpx.HTTPError:
                     self.results.append((0, None))
+
+
+@contextlib.contextmanager
+def served_under_load(
+    reg: Registry, tmp_path: Path, recs: list[dict[str, Any]]
+) -> Iterator[tuple[Server, httpx.Client, Steady]]:
+    """``serve --registry`` with a short poll, a client, and steady scoring traffic."""
+    env = {"VAE_ANOMALY_POLL_INTERVAL": POLL}
+    with (
+        run_server(["serve", "--registry", str(reg.root)], tmp_path, env=env) as s,
+        httpx.Client(base_url=s.url, timeout=30) as c,
+        Steady(s.url, recs) as load,
+    ):
+        yield s, c, load
 
 
 def wait_until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
@@ -282,12 +286,7 @@ def test_truncated_bundle_is_refused_and_the_old_model_keeps_serving(
     model = reg.version_path(v3) / MODEL_FILE
     os.truncate(model, model.stat().st_size // 2)  # e.g. a copy cut short by a full disk
     recs = records(generate_payments(5, seed=92))
-    env = {"VAE_ANOMALY_POLL_INTERVAL": POLL}
-    with (
-        run_server(["serve", "--registry", str(reg.root)], tmp_path, env=env) as s,
-        httpx.Client(base_url=s.url, timeout=30) as c,
-        Steady(s.url, recs) as load,
-    ):
+    with served_under_load(reg, tmp_path, recs) as (s, c, load):
         _, ref = scores(c, recs)
         before = failures(c)
         # the command line refuses to promote it, and says why
@@ -348,12 +347,7 @@ def test_disk_full_while_training_writes_leaves_nothing_and_serving_unchanged(
     entries = registry_entries(reg)
     model_size = (reg.version_path(v1) / MODEL_FILE).stat().st_size
     recs = records(generate_payments(5, seed=94))
-    env = {"VAE_ANOMALY_POLL_INTERVAL": POLL}
-    with (
-        run_server(["serve", "--registry", str(reg.root)], tmp_path, env=env) as s,
-        httpx.Client(base_url=s.url, timeout=30) as c,
-        Steady(s.url, recs) as load,
-    ):
+    with served_under_load(reg, tmp_path, recs) as (_, c, load):
         _, ref = scores(c, recs)
         before = failures(c)
         answered = len(load.results)

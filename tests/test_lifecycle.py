@@ -17,36 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pandas as pd
 import pytest
 
 from service.bundle import MANIFEST_FILE, MODEL_FILE, read_bundle
 from service.registry import STALE_SECONDS, Registry, RegistryError, new_version
-from tests.conftest import Server, cli_executable, run_server, small_config
+from tests.conftest import Server, add_version, cli_executable, run_server
 from tests.test_service import metric_samples, records, value
 from training.cli import main
 from training.data import fingerprint
 from training.demo_data import generate_payments, labelled
-from training.train import train_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def add_version(reg: Registry, df: pd.DataFrame, seed: int, promote: bool = False) -> str:
-    v = new_version()
-    train_bundle(
-        df,
-        reg.version_path(v),
-        small_config(epochs=8, seed=seed),
-        source="t.csv",
-        data_fingerprint="t",
-        progress=False,
-        version=v,
-        parent_version=reg.serving(),
-    )
-    if promote:
-        reg.promote(v)
-    return v
 
 
 @pytest.fixture(scope="module")
@@ -476,16 +457,7 @@ def test_broken_versions_are_refused_and_the_old_model_keeps_serving(
     server, reg = reg_server
     _, v1, v2 = two_versions
     # a good model whose features differ (no `device` column): refused unless allowed
-    other = new_version()
-    train_bundle(
-        generate_payments(800, seed=69).drop(columns=["device"]),
-        reg.version_path(other),
-        small_config(epochs=3),
-        source="t.csv",
-        data_fingerprint="t",
-        progress=False,
-        version=other,
-    )
+    other = add_version(reg, generate_payments(800, seed=69).drop(columns=["device"]), epochs=3)
     cases = {how: _broken_copy(reg, v2, how, tmp_path) for how in ("checksum", "format", "onnx")}
     cases["schema"] = other
     reasons = {
