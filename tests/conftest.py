@@ -106,10 +106,11 @@ def run_server(
     env: dict[str, str] | None = None,
     exe: str | None = None,
     timeout: float = 120.0,
+    port: int | None = None,
 ) -> Iterator[Server]:
-    """Start `vae-anomaly <args> --port P` on 127.0.0.1, wait until /readyz answers 200, stop it
-    (SIGTERM, then SIGKILL) on exit."""
-    port = free_port()
+    """Start `vae-anomaly <args> --port P` on 127.0.0.1 (a free port unless given), wait until
+    /readyz answers 200, stop it (SIGTERM, then SIGKILL) on exit."""
+    port = port or free_port()
     log = tmp / f"server-{port}.log"
     full_env = {**os.environ, **(env or {})}
     with log.open("wb") as out:
