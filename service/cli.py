@@ -174,6 +174,8 @@ def cmd_score(a: argparse.Namespace) -> int:
     from service.batch import BatchError, resolve, score_file
     from service.registry import RegistryError
 
+    if a.engine == "spark":
+        return cmd_score_spark(a)
     try:
         bundle = resolve(a.model)
         s = score_file(
@@ -202,6 +204,28 @@ def cmd_score(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score_spark(a: argparse.Namespace) -> int:
+    from service.registry import RegistryError
+
+    try:
+        from service.spark import run_job
+    except ImportError as e:  # pyspark is the user's, not one of our extras
+        print(f"error: --engine spark needs pyspark ({e})", file=sys.stderr)
+        return 2
+    try:
+        rows, anomalies = run_job(
+            a.model, str(a.data), str(a.out), master=a.master, score_type=a.score
+        )
+    except (BundleError, RegistryError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    share = anomalies / rows if rows else 0.0
+    print(
+        f"scored {rows} records with Spark; {anomalies} anomalies ({share:.2%}); written to {a.out}"
+    )
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("serve", help="serve a model bundle (or a registry's serving version)")
     src = s.add_mutually_exclusive_group()
@@ -227,6 +251,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     b.add_argument("--chunk-size", type=int, default=100_000, help="records per chunk")
     b.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument(
+        "--engine",
+        choices=["local", "spark"],
+        default="local",
+        help="local: this process (default); spark: a Spark job (DATA may be a folder or a glob; "
+        "--out is a folder of Parquet files; needs pyspark)",
+    )
+    b.add_argument("--master", help="for --engine spark: the Spark master (default: Spark's)")
     b.set_defaults(func=cmd_score)
 
     m = sub.add_parser("models", help="list, show, promote, roll back or prune registry versions")
