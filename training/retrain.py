@@ -313,7 +313,39 @@ def retrain(
         init_weights=init,
         trainable=None if new_data.flagged is None else ~new_data.flagged[train_rows],
     )
+    return _gate_and_add(
+        registry,
+        result,
+        parent,
+        new_data,
+        gate,
+        pre,
+        table,
+        max_fpr=max_fpr,
+        auc_margin=auc_margin,
+        allow_schema_change=allow_schema_change,
+        force=force,
+    )
+
+
+def _gate_and_add(
+    registry: Registry,
+    result: Result,
+    parent: Bundle | None,
+    new_data: NewData,
+    gate: pd.DataFrame,
+    pre: list[Check],
+    table: list[tuple[str, str, str]],
+    *,
+    max_fpr: float | None,
+    auc_margin: float,
+    allow_schema_change: bool,
+    force: bool,
+) -> Retrained:
+    """Run the gate on the staged new version, write its decision into it, move it into the
+    registry, promote it if it passed (or ``force``)."""
     staged = result.path
+    serving = parent.manifest.version if parent else None
     try:
         new = read_bundle(staged)
         fpr, fpr_row = _fpr_check(new, parent, gate, max_fpr)
@@ -327,8 +359,8 @@ def retrain(
         rows.append(("training records", train_n, str(new.manifest.data.train_rows)))
         passed = all(c.passed for c in checks)
         promote = (passed or force or parent is None) and (not changes or allow_schema_change)
-        gate_info = _gate_record(new, serving, new_data, len(gate), checks, rows, passed)
-        write_json_atomic(staged / GATE_FILE, {**gate_info, "promote": promote, "forced": force})
+        record = _gate_record(new, serving, new_data, len(gate), checks, rows, passed)
+        write_json_atomic(staged / GATE_FILE, {**record, "promote": promote, "forced": force})
         version = new.manifest.version
         registry.add(version)
     except BaseException:
