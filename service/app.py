@@ -29,7 +29,7 @@ from service.http import JSON
 from service.lifecycle import ModelManager
 from service.scoring import Scorer
 from service.settings import Settings, load_settings
-from service.sink import NormalSink
+from service.sink import RecordSink
 
 log = logging.getLogger("vae_anomaly")
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}\Z")
@@ -255,8 +255,11 @@ def create_app(settings: Settings) -> ServiceApp:
             )
             app.state.batcher.start()
         if settings.sink_dir is not None:
-            app.state.sink = NormalSink(
-                settings.sink_dir, settings.sink_max_bytes, settings.sink_keep_files
+            app.state.sink = RecordSink(
+                settings.sink_dir,
+                settings.sink_max_bytes,
+                settings.sink_keep_files,
+                settings.sink_sample,
             )
         try:
             yield

@@ -189,6 +189,25 @@ def input_of(feature: NumericFeature | BooleanFeature | CategoricalFeature) -> s
     return "x_cat" if feature.kind == "categorical" else "x_num"
 
 
+def schema_changes(old: Manifest, new: Manifest) -> list[str]:
+    """How the records clients send to ``old`` would fare with ``new``, one line per change:
+    features added (clients do not send them) or removed, a kind changed, or a feature that may
+    no longer be missing. Empty when clients are unaffected (a feature that may now be missing,
+    new categories, thresholds and scaling are not changes to them). The one definition used
+    by the service (reload), the registry (promote) and the retrain gate."""
+    before = {f.name: f for f in old.features}
+    after = {f.name: f for f in new.features}
+    out = [f"added {n!r} ({after[n].kind})" for n in after if n not in before]
+    out += [f"removed {n!r} ({before[n].kind})" for n in before if n not in after]
+    for n in sorted(before.keys() & after.keys()):
+        a, b = before[n], after[n]
+        if a.kind != b.kind:
+            out.append(f"retyped {n!r} ({a.kind} -> {b.kind})")
+        elif a.nullable and not b.nullable:
+            out.append(f"{n!r} may no longer be missing")
+    return out
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

@@ -14,7 +14,8 @@ from types import FrameType
 
 from pydantic import SecretStr
 
-from service.bundle import BundleError
+from service.bundle import BundleError, schema_changes
+from service.registry import Registry
 from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 
 
@@ -108,52 +109,21 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def cmd_models(a: argparse.Namespace) -> int:
     """list | show [VERSION] | promote VERSION | rollback | prune --keep N"""
-    import json
-
     from service.registry import Registry, RegistryError
 
     try:
         reg = Registry(a.registry)
         if a.action == "list":
-            p = reg.pointer()
-            versions = reg.versions()
-            if not versions:
-                print(f"{reg.root}: no versions yet")
-            for v in versions:
-                mark = (
-                    "serving"
-                    if v == p.serving
-                    else "rollback target"
-                    if v == p.rollback_target
-                    else ""
-                )
-                try:
-                    m = reg.read(v).manifest
-                    info = (
-                        f"{m.name}  created {m.created_at:%Y-%m-%d %H:%M:%S}  "
-                        f"rows {m.data.rows}  parent {m.parent_version or '-'}"
-                    )
-                except BundleError as e:
-                    info = f"BROKEN: {e}"
-                print(
-                    f"{'*' if mark == 'serving' else ' '} {v}  {info}"
-                    + (f"  [{mark}]" if mark else "")
-                )
+            _list_versions(reg, a.service, a.api_key)
         elif a.action == "show":
             version = a.version or reg.serving()
             if version is None:
                 raise RegistryError("no version is serving; name one")
-            m = reg.read(version).manifest
-            print(
-                json.dumps(
-                    {k: v for k, v in m.model_dump(mode="json").items() if k != "distributions"},
-                    indent=2,
-                )
-            )
+            _show_version(reg, version, a.json)
         elif a.action == "promote":
             if not a.version:
                 raise RegistryError("promote which version?")
-            p = reg.promote(a.version)
+            p = reg.promote(a.version, allow_schema_change=a.allow_schema_change)
             print(f"serving {p.serving} (rollback would return to {p.rollback_target or '-'})")
         elif a.action == "rollback":
             p = reg.rollback()
@@ -168,6 +138,106 @@ def cmd_models(a: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def service_version(url: str, api_key: str | None) -> str:
+    """The version a running service loaded (its ``GET /v1/model``)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url.rstrip("/") + "/v1/model")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return str(json.loads(r.read(1 << 20))["version"])
+    except urllib.error.HTTPError as e:
+        raise OSError(f"{url}: GET /v1/model answered {e.code}") from e
+    except (urllib.error.URLError, ValueError, KeyError, TypeError) as e:
+        raise OSError(f"{url}: cannot ask the service which model it loaded: {e}") from e
+
+
+def _list_versions(reg: Registry, service: str | None, api_key: str | None) -> None:
+    """One line per version; * marks the pointer's. With a service: what it actually runs, and
+    whether it refused the pointer's version (and why, if the features changed)."""
+    p = reg.pointer()
+    loaded = service_version(service, api_key) if service else None
+    versions = reg.versions()
+    if not versions:
+        print(f"{reg.root}: no versions yet")
+    for v in versions:
+        marks = []
+        if v == p.serving:
+            marks.append("serving")
+        elif v == p.rollback_target:
+            marks.append("rollback target")
+        if v == loaded:
+            marks.append("loaded by the service")
+        elif service and v == p.serving:
+            changes = (
+                schema_changes(reg.read(loaded).manifest, reg.read(v).manifest)
+                if loaded in versions
+                else []
+            )
+            why = (
+                f"refused: it changes the features ({'; '.join(changes)})"
+                if changes
+                else "refused, or not reloaded yet: see its log"
+            )
+            marks.append(f"NOT LOADED by the service, which runs {loaded}: {why}")
+        try:
+            m = reg.read(v).manifest
+            info = (
+                f"{m.name}  created {m.created_at:%Y-%m-%d %H:%M:%S}  "
+                f"rows {m.data.rows}  parent {m.parent_version or '-'}"
+            )
+        except BundleError as e:
+            info = f"BROKEN: {e}"
+        mark = "".join(f"  [{x}]" for x in marks)
+        print(f"{'*' if v == p.serving else ' '} {v}  {info}{mark}")
+
+
+def _show_version(reg: Registry, version: str, raw: bool) -> None:
+    import json
+
+    m = reg.read(version).manifest
+    gate = reg.gate(version)
+    if raw:
+        doc = {k: v for k, v in m.model_dump(mode="json").items() if k != "distributions"}
+        print(json.dumps({**doc, "gate": gate} if gate else doc, indent=2))
+        return
+    kinds = ", ".join(
+        f"{f.name} ({f.kind}{', nullable' if f.nullable else ''})" for f in m.features
+    )
+    c = m.config
+    lines = [
+        f"{m.name} {m.version}" + ("  [serving]" if reg.serving() == version else ""),
+        f"created {m.created_at:%Y-%m-%d %H:%M:%S %Z}; parent {m.parent_version or '-'}",
+        f"data: {m.data.source}, {m.data.rows} records ({m.data.train_rows} train, "
+        f"{m.data.calibration_rows} calibration, {m.data.anomaly_rows} labelled anomalies)",
+        f"features: {kinds}",
+        f"ignored columns: {', '.join(m.ignored_columns) or '-'}",
+        f"config: exclude {c.get('exclude') or '-'}, label {c.get('label_column') or '-'}, "
+        f"hidden {c.get('hidden')}, latent {c.get('latent')}, epochs {c.get('epochs')}",
+        f"threshold ({m.default_score}) {m.thresholds[m.default_score].value:.4f} "
+        f"for a {m.target_fpr:g} false-positive rate",
+    ]
+    if gate is None:
+        lines.append("gate: none (trained with `train`, not `retrain`)")
+    else:
+        d = gate.get("data", {})
+        lines.append(
+            f"gate: {'passed' if gate.get('passed') else 'FAILED'}"
+            f"{', forced' if gate.get('forced') else ''}; against {gate.get('serving') or '-'} "
+            f"on {d.get('held_out_for_gate')} held-out of {d.get('records')} new records"
+        )
+        lines += [
+            f"  [{'pass' if ch.get('passed') else 'FAIL'}] {ch.get('name')}: {ch.get('detail')}"
+            for ch in gate.get("checks", [])
+        ]
+    lines.append(f"more: vae-anomaly models show {version} --json --registry {reg.root}")
+    print("\n".join(lines))
 
 
 def cmd_score(a: argparse.Namespace) -> int:
@@ -266,4 +336,18 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     m.add_argument("version", nargs="?", help="for show (default: serving) and promote")
     m.add_argument("--registry", type=Path, required=True, help="the model registry")
     m.add_argument("--keep", type=int, default=5, help="for prune: versions to keep (5)")
+    m.add_argument("--json", action="store_true", help="for show: the whole manifest, as JSON")
+    m.add_argument(
+        "--service", metavar="URL", help="for list: also show what this running service loaded"
+    )
+    m.add_argument(
+        "--api-key",
+        default=os.environ.get("VAE_ANOMALY_API_KEY"),
+        help="for list --service: API key, if the service needs one ($VAE_ANOMALY_API_KEY)",
+    )
+    m.add_argument(
+        "--allow-schema-change",
+        action="store_true",
+        help="for promote: accept a version whose features differ from the serving one's",
+    )
     m.set_defaults(func=cmd_models)

@@ -15,7 +15,7 @@ from service.batching import MicroBatcher
 from service.errors import ClientClosed, InvalidJSON, NotReady, PayloadTooLarge
 from service.scoring import Scored, Scorer
 from service.settings import Settings
-from service.sink import NormalSink
+from service.sink import RecordSink
 
 T = TypeVar("T")
 
@@ -57,25 +57,32 @@ async def offload(size: int, fn: Callable[..., T], *args: Any) -> T:
 
 
 async def score(
-    request: Request, scorer: Scorer, columns: Any, n: int, score_type: str | None
+    request: Request,
+    scorer: Scorer,
+    columns: Any,
+    n: int,
+    score_type: str | None,
+    records: list[Any] | None = None,
 ) -> Scored:
     """Score through the micro-batcher (small requests) or directly in a thread (large ones),
-    then hand normal records to the sink. Never on the event loop."""
+    then offer the records (``records``: as sent, for their id columns) to the sink. Never on
+    the event loop."""
     batcher: MicroBatcher | None = request.app.state.batcher
     if batcher is not None and n < batcher.max_batch:
         scored = await batcher.score(scorer, columns, n, score_type)
     else:
         scored = await run_in_threadpool(scorer.score, columns, score_type)
     if request.app.state.sink is not None:
-        await offload(n, sink_records, request, scorer, columns, scored)
+        await offload(n, sink_records, request, scorer, columns, scored, records)
     return scored
 
 
-def sink_records(request: Request, scorer: Scorer, columns: Any, scored: Scored) -> None:
-    """Hand the records scored as normal to the sink."""
-    sink: NormalSink = request.app.state.sink
-    below = request.app.state.settings.sink_max_percentile
-    sink.offer(scorer.manifest, columns, scored.is_anomaly, scored.percentile, below)
+def sink_records(
+    request: Request, scorer: Scorer, columns: Any, scored: Scored, records: list[Any] | None
+) -> None:
+    """Hand a uniform sample of the scored records, with their verdicts, to the sink."""
+    sink: RecordSink = request.app.state.sink
+    sink.offer(scorer.manifest, columns, scored.is_anomaly, records)
 
 
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from starlette.concurrency import run_in_threadpool
 
 from service import metrics
-from service.bundle import Bundle, BundleError, Manifest, read_bundle
+from service.bundle import Bundle, BundleError, read_bundle, schema_changes
 from service.registry import Registry, RegistryError
 from service.scoring import Scorer
 from service.settings import Settings
@@ -37,11 +37,6 @@ def unreadable(e: BaseException) -> bool:
     read and found bad: that may pass, so it is tried again at the next poll. A bad bundle
     (checksum, format, schema, onnxruntime) is refused once and not retried every poll."""
     return isinstance(e, OSError | RegistryError) or isinstance(e.__cause__, OSError)
-
-
-def schema_of(m: Manifest) -> list[tuple[str, str, bool]]:
-    """What clients depend on: feature names, kinds and whether they may be missing."""
-    return [(f.name, f.kind, f.nullable) for f in m.features]
 
 
 class ModelManager:
@@ -68,15 +63,11 @@ class ModelManager:
             assert self.settings.bundle is not None
             bundle = read_bundle(self.settings.bundle)
         old = self.scorer
-        if (
-            old is not None
-            and not self.settings.allow_schema_change
-            and (schema_of(bundle.manifest) != schema_of(old.manifest))
-        ):
+        changes = schema_changes(old.manifest, bundle.manifest) if old is not None else []
+        if changes and not self.settings.allow_schema_change:
             raise BundleError(
                 f"version {bundle.manifest.version} changes the features clients send "
-                f"({schema_of(bundle.manifest)} vs {schema_of(old.manifest)}); "
-                "set VAE_ANOMALY_ALLOW_SCHEMA_CHANGE=true to accept it"
+                f"({'; '.join(changes)}); set VAE_ANOMALY_ALLOW_SCHEMA_CHANGE=true to accept it"
             )
         scorer = Scorer(bundle, threads=self.settings.inference_threads)
         scorer.warm_up()

@@ -68,9 +68,9 @@ READY = Gauge(
     f"{PREFIX}_ready", "1 when a model is loaded and warmed up", multiprocess_mode="livemax"
 )
 MODEL_RELOADS = Counter(f"{PREFIX}_model_reloads_total", "Model (re)loads", ["result"])
-SINK_WRITTEN = Counter(f"{PREFIX}_sink_records_total", "Normal records written to the sink")
+SINK_WRITTEN = Counter(f"{PREFIX}_sink_records_total", "Scored records written to the sink")
 SINK_DROPPED = Counter(
-    f"{PREFIX}_sink_dropped_records_total", "Normal records dropped: the sink writer was behind"
+    f"{PREFIX}_sink_dropped_records_total", "Scored records dropped: the sink writer was behind"
 )
 
 _score: Histogram | None = None

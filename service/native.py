@@ -414,7 +414,7 @@ async def score_records(request: Request) -> JSON:
         else 0
     )
     columns, n = await offload(size, records_to_columns, body, scorer.manifest, settings)
-    scored = await score_with(request, scorer, columns, n, score_type)
+    scored = await score_with(request, scorer, columns, n, score_type, body["records"])
     return JSON(await offload(n, results_json, scorer, scored, k))
 
 

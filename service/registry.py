@@ -30,9 +30,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.bundle import Bundle, BundleError, fsync_dir, read_bundle
+from service.bundle import Bundle, BundleError, fsync_dir, read_bundle, schema_changes
 
 POINTER = "pointer.json"
+GATE_FILE = "gate.json"  # a retrained version's promotion-gate decision (training/retrain.py)
 VERSIONS = "versions"
 HISTORY_LIMIT = 100
 STALE_SECONDS = 3600
@@ -126,6 +127,18 @@ class Registry:
             serving=serving, history=[str(h) for h in history], updated_at=raw.get("updated_at")
         )
 
+    def staging_path(self, version: str) -> Path:
+        """Where a version is assembled before it enters ``versions/`` (hidden from readers;
+        ``prune`` removes it once stale if its writer died)."""
+        return self.root / VERSIONS / f".staging-{self.version_path(version).name}"
+
+    def add(self, version: str) -> Path:
+        """Move a complete staged version into ``versions/`` (one rename, made durable)."""
+        dest = self.version_path(version)
+        os.rename(self.staging_path(version), dest)
+        fsync_dir(dest.parent)
+        return dest
+
     def serving(self) -> str | None:
         return self.pointer().serving
 
@@ -135,6 +148,19 @@ class Registry:
         if not path.is_dir():
             raise RegistryError(f"no version {version!r} in {self.root}")
         return read_bundle(path)
+
+    def gate(self, version: str) -> dict[str, Any] | None:
+        """The gate's decision stored in a retrained version (None: trained, not retrained)."""
+        path = self.version_path(version) / GATE_FILE
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise RegistryError(f"{path}: unreadable gate record: {e}") from e
+        if not isinstance(raw, dict):
+            raise RegistryError(f"{path}: the gate record is not a JSON object")
+        return raw
 
     def read_serving(self) -> Bundle:
         version = self.serving()
@@ -161,13 +187,37 @@ class Registry:
             {"serving": p.serving, "history": p.history, "updated_at": p.updated_at},
         )
 
-    def promote(self, version: str, *, verify: bool = True) -> Pointer:
-        """Make ``version`` the serving one (after verifying its bundle)."""
+    def schema_changes(self, version: str) -> list[str]:
+        """How ``version`` changes the features clients send, against the serving version
+        (none when nothing serves, or the serving version cannot be read)."""
+        serving = self.serving()
+        if serving is None or serving == version:
+            return []
+        try:
+            old = self.read(serving).manifest
+        except (BundleError, RegistryError, OSError):
+            return []  # moving away from a broken version is always allowed
+        return schema_changes(old, self.read(version).manifest)
+
+    def promote(
+        self, version: str, *, verify: bool = True, allow_schema_change: bool = False
+    ) -> Pointer:
+        """Make ``version`` the serving one, after verifying its bundle and that it keeps the
+        serving version's features (the service would refuse it otherwise) unless
+        ``allow_schema_change``."""
         if verify:
             try:
                 self.read(version)
             except BundleError as e:
                 raise RegistryError(f"version {version} is broken, not promoted: {e}") from e
+            changes = [] if allow_schema_change else self.schema_changes(version)
+            if changes:
+                raise RegistryError(
+                    f"version {version} changes the features clients send "
+                    f"({'; '.join(changes)}); not promoted: a service refuses it unless it runs "
+                    "with VAE_ANOMALY_ALLOW_SCHEMA_CHANGE=true. Promote it anyway with "
+                    "--allow-schema-change"
+                )
         elif not self.version_path(version).is_dir():
             raise RegistryError(f"no version {version!r} in {self.root}")
         with self.lock():

@@ -30,8 +30,10 @@ class Settings(BaseSettings):
         None, description="API keys for scoring, comma-separated (none: scoring is open)"
     )
     api_keys_file: Path | None = Field(None, description="file of API keys, one per line")
-    sink_dir: Path | None = Field(None, description="write records scored as normal here (JSONL)")
-    sink_max_percentile: float = Field(90.0, gt=0, le=100, description="only records below this")
+    sink_dir: Path | None = Field(None, description="write a sample of scored records here (JSONL)")
+    sink_sample: float = Field(
+        1.0, gt=0, le=1, description="share of scored records the sink keeps (uniform sample)"
+    )
     sink_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="rotate files at this size")
     sink_keep_files: int = Field(20, ge=1, description="files kept per worker")
     host: str = Field("127.0.0.1", description="address to listen on")

@@ -11,11 +11,12 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from service.cli import add_commands, add_serve_arguments
 
 if TYPE_CHECKING:
+    from service.registry import Registry
     from training.config import TrainConfig
     from training.train import Result
 
@@ -64,11 +65,12 @@ def summary(r: Result) -> str:
     return "\n".join(lines)
 
 
-def _config(a: argparse.Namespace) -> TrainConfig:
+def _config(a: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
     from training.config import load_config
 
     cfg = load_config(
         a.config,
+        base,
         target_fpr=a.target_fpr,
         default_score=a.score,
         epochs=a.epochs,
@@ -77,8 +79,24 @@ def _config(a: argparse.Namespace) -> TrainConfig:
         name=a.name,
     )
     if a.exclude:
-        cfg.exclude = [*cfg.exclude, *a.exclude]
+        cfg.exclude = list(dict.fromkeys([*cfg.exclude, *a.exclude]))
     return cfg
+
+
+def _retrain_config(a: argparse.Namespace, reg: Registry) -> TrainConfig:
+    """The serving version's config, with what the flags (and --config) override."""
+    from training.retrain import inherited_config
+
+    serving = reg.serving()
+    if serving is None:
+        return _config(a)
+    base = inherited_config(reg.read(serving).manifest)
+    if a.name is not None and a.name != base["name"]:
+        raise ValueError(
+            f"retrain keeps the model's name ({base['name']!r}); a model named {a.name!r} is "
+            f"a new model: vae-anomaly train DATA --registry REGISTRY --name {a.name}"
+        )
+    return _config(a, base)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -133,8 +151,8 @@ def cmd_retrain(a: argparse.Namespace) -> int:
     from training.retrain import retrain
 
     try:
-        cfg = _config(a)
         reg = Registry(a.registry)
+        cfg = _retrain_config(a, reg)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rt = retrain(
@@ -145,22 +163,37 @@ def cmd_retrain(a: argparse.Namespace) -> int:
                 window=a.window,
                 gate_fraction=a.gate_fraction,
                 max_fpr=a.max_fpr,
+                max_flagged=a.max_flagged,
                 auc_margin=a.auc_margin,
+                allow_schema_change=a.allow_schema_change,
                 force=a.force,
                 progress=not a.quiet,
             )
     except (ValueError, OSError, ExportError, RegistryError, BundleError) as e:
         return _fail(str(e))
-    for w in rt.result.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    print(summary(rt.result))
+    if rt.result is not None:
+        for w in rt.result.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        print(summary(rt.result))
     width = max(len(r[0]) for r in rt.table)
-    print(f"\n{'':{width}}  {'serving ' + (rt.parent or '-'):>34}  {'new ' + rt.version:>34}")
-    for measure, old, new in rt.table:
-        print(f"{measure:{width}}  {old:>34}  {new:>34}")
+    new = "new " + (rt.version or "-")
+    print(f"\n{'':{width}}  {'serving ' + (rt.parent or '-'):>34}  {new:>34}")
+    for measure, old, value in rt.table:
+        print(f"{measure:{width}}  {old:>34}  {value:>34}")
     print("\ngate:")
     for c in rt.checks:
         print(f"  [{'pass' if c.passed else 'FAIL'}] {c.name}: {c.detail}")
+    return _retrain_outcome(a, reg, rt)
+
+
+def _retrain_outcome(a: argparse.Namespace, reg: Registry, rt: Any) -> int:
+    if rt.version is None:
+        print(
+            "not retrained: the serving model flags this data far above its target rate; it "
+            "does not look like normal traffic (anomalies among it, an incident, or a large "
+            "drift). Look at it; retrain on it anyway with --force"
+        )
+        return 3
     if rt.promoted:
         why = "gate passed" if rt.passed else ("forced" if a.force else "no serving version")
         print(
@@ -168,6 +201,14 @@ def cmd_retrain(a: argparse.Namespace) -> int:
             f"--registry {reg.root}"
         )
         return 0
+    if rt.schema_changes:
+        print(
+            f"not promoted: {rt.version} changes the features clients send "
+            f"({'; '.join(rt.schema_changes)}); a service refuses such a version. It stays in "
+            "the registry; promote it with --allow-schema-change, or train a new model with "
+            "`vae-anomaly train`"
+        )
+        return 3
     print(
         f"not promoted: the gate failed; {rt.version} stays in the registry "
         "(promote it anyway with --force or `vae-anomaly models promote`)"
@@ -260,7 +301,7 @@ def _training_options(t: argparse.ArgumentParser) -> None:
         metavar="COL",
         help="0/1 column; rows with 1 are kept out of training and used to evaluate",
     )
-    t.add_argument("--name", help="model name (default: the data file's name)")
+    t.add_argument("--name", help="model name (train: default the data file's name; retrain: kept)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -305,7 +346,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.02,
         help="how much lower than the serving model's the ROC-AUC may be (0.02)",
     )
-    r.add_argument("--force", action="store_true", help="promote even if the gate fails")
+    r.add_argument(
+        "--max-flagged",
+        type=float,
+        metavar="SHARE",
+        help="unlabelled data: most of it the serving model may flag (default: 3x its target)",
+    )
+    r.add_argument(
+        "--allow-schema-change",
+        action="store_true",
+        help="promote a version whose features differ from the serving one's",
+    )
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="train on data the serving model flags too often; promote even if the gate fails",
+    )
     _training_options(r)
     r.set_defaults(func=cmd_retrain)
 

@@ -80,8 +80,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
+def load_config(
+    path: str | Path | None, base: dict[str, Any] | None = None, **overrides: Any
+) -> TrainConfig:
     """Read a TOML or JSON config file (any subset of TrainConfig's fields), then apply overrides.
+
+    ``base`` (a retrain: the serving version's config) holds the settings the file and the
+    overrides start from; per-column settings merge column by column.
 
     Columns are a table of per-column settings, e.g. in TOML::
 
@@ -101,6 +106,8 @@ def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
             raise ValueError(f"config {p}: cannot read it: {e}") from e
         if not isinstance(raw, dict):
             raise ValueError(f"config {p}: must be a table/object of settings")
+    if base:
+        raw = {**base, **raw, "columns": {**base.get("columns", {}), **raw.get("columns", {})}}
     raw.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(raw) - known)

@@ -150,8 +150,12 @@ class Prepared:
         return len(next(iter(self.anomalies.values()))) if self.anomalies else 0
 
 
-def prepare(df: pd.DataFrame, cfg: TrainConfig) -> Prepared:
-    """Validate the records, split them and fit the feature schema on the training split."""
+def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = None) -> Prepared:
+    """Validate the records, split them and fit the feature schema on the training split.
+
+    ``trainable`` (one bool per normal row; a retrain from the sink: not flagged when served)
+    limits the training and validation rows; the calibration rows stay a uniform sample of all.
+    """
     notes: list[str] = []
     for col in [*cfg.exclude, *([cfg.label_column] if cfg.label_column else [])]:
         if col not in df.columns:
@@ -191,6 +195,10 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig) -> Prepared:
     n_val = max(1, round(cfg.validation_fraction * len(normal)))
     n_cal = max(1, round(cfg.calibration_fraction * len(normal)))
     val_idx, calib_idx, train_idx = perm[:n_val], perm[n_val : n_val + n_cal], perm[n_val + n_cal :]
+    if trainable is not None:
+        val_idx, train_idx = val_idx[trainable[val_idx]], train_idx[trainable[train_idx]]
+        if len(train_idx) < MIN_ROWS // 2 or not len(val_idx):
+            raise DataError(f"{len(train_idx)} unflagged record(s) to train on; too few")
 
     specs: list[tuple[str, dict[str, Any]]] = []  # (kind, fields) of each kept column
     columns: dict[str, np.ndarray] = {}

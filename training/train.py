@@ -207,12 +207,13 @@ def train_bundle(
     parent_version: str | None = None,
     version: str | None = None,
     init_weights: dict[str, torch.Tensor] | None = None,
+    trainable: np.ndarray | None = None,
 ) -> Result:
     """Train on the records of ``df`` and write a bundle at ``out``. Nothing is written on error.
 
     ``out`` may be a function of the version (a registry's ``version_path``): the version and
     created-at time are then stamped when training is over, so versions sort in the order
-    their bundles were made.
+    their bundles were made. ``trainable``: see :func:`training.data.prepare`.
     """
     cfg.validate()
     if cfg.threads:
@@ -221,7 +222,7 @@ def train_bundle(
         out = Path(out)
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists (choose another --out, or --overwrite)")
-    prep: Prepared = prepare(df, cfg)
+    prep: Prepared = prepare(df, cfg, trainable)
     layout = layout_of(prep.features)
     normal = encode_columns(prep.features, prep.columns).inputs
     x_num, x_cat = _tensors(_rows(normal, prep.train_idx))
