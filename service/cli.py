@@ -11,11 +11,17 @@ import sys
 import tempfile
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
 from service.bundle import BundleError
 from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from service.registry import Registry
+
+WARM_UP_TIMEOUT = 60.0  # seconds: `models promote` stops a model that runs longer
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,8 +43,8 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 def serve(settings: Settings) -> int:
     """Check the bundle, then run uvicorn (blocking) with the settings passed to every worker."""
-    from service.registry import Registry, RegistryError
-    from service.runtime import open_bundle
+    from service.lifecycle import preflight
+    from service.registry import RegistryError
 
     if settings.bundle is None and settings.registry is None:
         print(
@@ -48,12 +54,14 @@ def serve(settings: Settings) -> int:
         )
         return 2
     try:
-        # refuse to start on a broken model or setting, with the reason
-        if settings.registry is not None:
-            open_bundle(Registry(settings.registry).read_serving())
-        else:
-            assert settings.bundle is not None
-            open_bundle(settings.bundle)
+        # refuse to start on a broken setting, or with no model that loads, with the reason
+        version, refused = preflight(settings)
+        if refused:
+            print(
+                f"warning: the serving version cannot be loaded ({refused}); serving {version}, "
+                "the newest earlier serving version that loads",
+                file=sys.stderr,
+            )
         settings.admin_secret()
         settings.api_key_list()
     except (BundleError, RegistryError, OSError, SettingsError) as e:
@@ -133,7 +141,7 @@ def cmd_models(a: argparse.Namespace) -> int:
                         f"{m.name}  created {m.created_at:%Y-%m-%d %H:%M:%S}  "
                         f"rows {m.data.rows}  parent {m.parent_version or '-'}"
                     )
-                except BundleError as e:
+                except (BundleError, RegistryError) as e:
                     info = f"BROKEN: {e}"
                 print(
                     f"{'*' if mark == 'serving' else ' '} {v}  {info}"
@@ -153,6 +161,7 @@ def cmd_models(a: argparse.Namespace) -> int:
         elif a.action == "promote":
             if not a.version:
                 raise RegistryError("promote which version?")
+            refuse_if_it_fails_to_run(reg, a.version)
             p = reg.promote(a.version)
             print(f"serving {p.serving} (rollback would return to {p.rollback_target or '-'})")
         elif a.action == "rollback":
@@ -168,6 +177,18 @@ def cmd_models(a: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def refuse_if_it_fails_to_run(reg: Registry, version: str) -> None:
+    """Load and warm up ``version`` as the service would: refuse to promote what every
+    worker would refuse."""
+    from service.registry import RegistryError
+    from service.scoring import Scorer
+
+    try:
+        Scorer(reg.read(version)).warm_up(timeout=WARM_UP_TIMEOUT)
+    except BundleError as e:
+        raise RegistryError(f"version {version} is broken, not promoted: {e}") from e
 
 
 def cmd_score(a: argparse.Namespace) -> int:

@@ -30,12 +30,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.bundle import Bundle, BundleError, fsync_dir, read_bundle
+from service.bundle import Bundle, BundleError, fsync_dir, read_bundle, read_regular
 
 POINTER = "pointer.json"
 VERSIONS = "versions"
 HISTORY_LIMIT = 100
 STALE_SECONDS = 3600
+MAX_POINTER_BYTES = 1 << 20  # HISTORY_LIMIT versions take a few kB
 
 
 def new_version(at: datetime | None = None) -> str:
@@ -111,10 +112,10 @@ class Registry:
     def pointer(self) -> Pointer:
         path = self.root / POINTER
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(read_regular(path, MAX_POINTER_BYTES))  # no FIFO, no endless file
         except FileNotFoundError:
             return Pointer()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, BundleError, RecursionError) as e:
             raise RegistryError(f"{path}: unreadable pointer: {e}") from e
         if not isinstance(raw, dict):
             raise RegistryError(f"{path}: the pointer is not a JSON object")
