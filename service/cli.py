@@ -43,7 +43,6 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 def serve(settings: Settings) -> int:
     """Check the bundle, then run uvicorn (blocking) with the settings passed to every worker."""
-    from service.lifecycle import preflight
     from service.registry import RegistryError
 
     if settings.bundle is None and settings.registry is None:
@@ -53,6 +52,15 @@ def serve(settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    mp = None
+    if settings.workers > 1:  # before prometheus-client is imported
+        mp = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
+            prefix="vae-anomaly-prom-"
+        )
+        Path(mp).mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp
+    from service.lifecycle import preflight  # imports prometheus-client
+
     try:
         # refuse to start on a broken setting, or with no model that loads, with the reason
         version, refused = preflight(settings)
@@ -72,14 +80,9 @@ def serve(settings: Settings) -> int:
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         os.environ[f"{ENV_PREFIX}{name.upper()}"] = str(value)
-    if settings.workers > 1:
-        mp = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if mp:
-            Path(mp).mkdir(parents=True, exist_ok=True)
-            for f in glob.glob(os.path.join(mp, "*.db")):  # counters start from zero
-                os.unlink(f)
-        else:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vae-anomaly-prom-")
+    if mp is not None:
+        for f in glob.glob(os.path.join(mp, "*.db")):  # counters start from zero (the check's too)
+            os.unlink(f)
     import uvicorn
 
     from service import logs
@@ -183,10 +186,10 @@ def refuse_if_it_fails_to_run(reg: Registry, version: str) -> None:
     """Load and warm up ``version`` as the service would: refuse to promote what every
     worker would refuse."""
     from service.registry import RegistryError
-    from service.scoring import Scorer
+    from service.runtime import check_runs, open_bundle
 
     try:
-        Scorer(reg.read(version)).warm_up(timeout=WARM_UP_TIMEOUT)
+        check_runs(*open_bundle(reg.read(version)), timeout=WARM_UP_TIMEOUT)
     except BundleError as e:
         raise RegistryError(f"version {version} is broken, not promoted: {e}") from e
 

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from service.bundle import (
     MAX_MODEL_BYTES,
+    MISSING_INDEX,
     SCORE_TYPES,
+    UNKNOWN_TOKEN,
+    BooleanFeature,
     Bundle,
     BundleError,
     Manifest,
+    NumericFeature,
     read_bundle,
     read_regular,
 )
+from service.features import Encoder
 
 MAX_ROWS = 4096
+WARM_UP_ROWS = 64
 ATTRIBUTION = "attribution"
 INPUT_TYPES = {"x_num": "tensor(float)", "x_cat": "tensor(int64)"}
 
@@ -144,6 +152,48 @@ def check_outputs(path: Path, m: Manifest, out: dict[str, np.ndarray], n: int) -
             )
         if not np.isfinite(got).all():
             raise BundleError(f"{path}: output {name} is not finite on warm-up records")
+
+
+def warm_up_columns(m: Manifest) -> dict[str, list[Any]]:
+    """Warm-up records: the first typical (the imputed value, the commoner boolean, the first
+    category), the others cycle through each feature's edge values: its training range, the
+    other boolean, each category, a category never seen, and missing where that is allowed."""
+    variants: dict[str, list[Any]] = {}
+    for f in m.features:
+        if isinstance(f, NumericFeature):
+            values: list[Any] = [f.impute, f.min, f.max]
+        elif isinstance(f, BooleanFeature):
+            values = [f.rate >= 0.5, f.rate < 0.5]
+        else:
+            values = [*f.categories[MISSING_INDEX + 1 :], UNKNOWN_TOKEN]
+        variants[f.name] = values + [None] * f.nullable
+    n = min(max(len(v) for v in variants.values()), WARM_UP_ROWS)
+    return {name: [v[i % len(v)] for i in range(n)] for name, v in variants.items()}
+
+
+def check_runs(bundle: Bundle, model: OnnxModel, *, timeout: float | None = None) -> None:
+    """Run the model on the warm-up records, the first alone (a single request) and then all
+    together (a coalesced batch), and check every output's shape, type and finiteness. Any
+    failure, whatever onnxruntime raises, is a BundleError. With ``timeout``, a run still
+    going after that many seconds is stopped (and the model refused)."""
+    path, m = bundle.model_path, bundle.manifest
+    columns = warm_up_columns(m)
+    encode = Encoder(m.features)
+    timer = threading.Timer(timeout, model.abort) if timeout else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        for n in (1, len(columns[m.features[0].name])):
+            out = model.run(encode({k: v[:n] for k, v in columns.items()}).inputs)
+            check_outputs(path, m, out, n)
+    except BundleError:
+        raise
+    except Exception as e:  # onnxruntime's own classes (Fail, ...) are not RuntimeErrors
+        raise BundleError(f"{path}: warm-up failed: {type(e).__name__}: {e}") from e
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def open_bundle(

@@ -7,7 +7,6 @@ Both protocol adapters (``/v1`` and ``/v2``) turn their requests into columns an
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,17 +17,9 @@ import numpy as np
 import numpy.typing as npt
 
 from service import metrics
-from service.bundle import (
-    MISSING_INDEX,
-    UNKNOWN_TOKEN,
-    BooleanFeature,
-    Bundle,
-    BundleError,
-    Manifest,
-    NumericFeature,
-)
+from service.bundle import Bundle, BundleError, Manifest
 from service.features import Encoder, Percentiles
-from service.runtime import check_outputs, open_bundle
+from service.runtime import check_runs, open_bundle, warm_up_columns
 
 
 @dataclass
@@ -135,51 +126,15 @@ class Scorer:
         return results
 
     def warm_up(self, timeout: float | None = None) -> None:
-        """Run the model before it serves: one typical record alone (the single-request path),
-        then typical and edge records together (a coalesced batch), checking every output's
-        shape, type and finiteness, then score them as a request would. Any failure, whatever
-        onnxruntime raises, is a BundleError: the model is refused. With ``timeout``, a run
-        still going after that many seconds is stopped (and the model refused)."""
-        path = self.bundle.model_path
-        columns = warm_up_columns(self.manifest)
-        n = len(columns[self.feature_names[0]])
-        timer = threading.Timer(timeout, self.model.abort) if timeout else None
-        if timer is not None:
-            timer.daemon = True
-            timer.start()
+        """Check the model runs as the contract says (:func:`check_runs`), then score the
+        warm-up records as a request would. Any failure is a BundleError: the model is refused."""
+        check_runs(self.bundle, self.model, timeout=timeout)
         try:
-            for cols, rows in (({k: v[:1] for k, v in columns.items()}, 1), (columns, n)):
-                out = self.model.run(self.encode(cols).inputs)
-                check_outputs(path, self.manifest, out, rows)
-            self.score(columns, None, observe=False)
-        except BundleError:
-            raise
+            self.score(warm_up_columns(self.manifest), None, observe=False)
         except Exception as e:  # onnxruntime's own classes (Fail, ...) are not RuntimeErrors
+            path = self.bundle.model_path
             raise BundleError(f"{path}: warm-up failed: {type(e).__name__}: {e}") from e
-        finally:
-            if timer is not None:
-                timer.cancel()
         self.ready = True
-
-
-WARM_UP_ROWS = 64
-
-
-def warm_up_columns(m: Manifest) -> dict[str, list[Any]]:
-    """Warm-up records: the first typical (the imputed value, the commoner boolean, the first
-    category), the others cycle through each feature's edge values: its training range, the
-    other boolean, each category, a category never seen, and missing where that is allowed."""
-    variants: dict[str, list[Any]] = {}
-    for f in m.features:
-        if isinstance(f, NumericFeature):
-            values: list[Any] = [f.impute, f.min, f.max]
-        elif isinstance(f, BooleanFeature):
-            values = [f.rate >= 0.5, f.rate < 0.5]
-        else:
-            values = [*f.categories[MISSING_INDEX + 1 :], UNKNOWN_TOKEN]
-        variants[f.name] = values + [None] * f.nullable
-    n = min(max(len(v) for v in variants.values()), WARM_UP_ROWS)
-    return {name: [v[i % len(v)] for i in range(n)] for name, v in variants.items()}
 
 
 def top_features(names: list[str], scored: Scored, k: int) -> list[list[dict[str, Any]]]:
