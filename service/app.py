@@ -301,9 +301,17 @@ def create_app(settings: Settings) -> ServiceApp:
     @app.get("/readyz", tags=["health"], summary="A model is loaded and answered a warm-up call")
     async def readyz() -> JSON:
         scorer: Scorer | None = models.scorer
+        loading = models.loading()  # a load that takes long shows here (stuck: given up)
         if scorer is None or not scorer.ready:
-            return JSON({"status": "not ready"}, status_code=503)
-        return JSON({"status": "ready", "model": scorer.manifest.name, "version": scorer.version})
+            return JSON({"status": "not ready", "loading": loading}, status_code=503)
+        return JSON(
+            {
+                "status": "ready",
+                "model": scorer.manifest.name,
+                "version": scorer.version,
+                "loading": loading,
+            }
+        )
 
     @app.get(
         "/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse

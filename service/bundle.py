@@ -19,16 +19,20 @@ destination and renamed into place, so a reader never sees half a bundle.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import itertools
 import json
 import math
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -44,13 +48,20 @@ MISSING_INDEX = 1
 UNKNOWN_TOKEN = "<unknown>"
 MISSING_TOKEN = "<missing>"
 
+# Bounds on what a bundle may make the service read: a model or manifest beyond them is refused
+# before it is read (the demo model is ~0.2 MB, its manifest ~0.3 MB).
+MAX_MODEL_BYTES = 1 << 30
+MAX_MANIFEST_BYTES = 8 << 20
+MAX_JSON_DEPTH = 32  # the manifest nests 5 levels; pydantic and json recurse per level
+
 
 class BundleError(Exception):
     """A bundle that cannot be used: missing files, bad manifest, checksum or format mismatch."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # every float field finite: a NaN threshold would never alarm, a NaN scale scores all as NaN
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class NumericFeature(_Strict):
@@ -66,6 +77,12 @@ class NumericFeature(_Strict):
     impute: float = Field(description="value used for a missing entry, in raw units")
     min: float
     max: float
+
+    @model_validator(mode="after")
+    def _range(self) -> NumericFeature:
+        if self.min > self.max:
+            raise ValueError(f"{self.name}: min {self.min} is above max {self.max}")
+        return self
 
 
 class BooleanFeature(_Strict):
@@ -121,6 +138,11 @@ class ScoreDistribution(_Strict):
     def _shape(self) -> ScoreDistribution:
         if len(self.probs) != len(self.quantiles) or len(self.probs) < 2:
             raise ValueError("probs and quantiles must have the same length, at least 2")
+        if not all(0 <= p <= 1 for p in self.probs):
+            raise ValueError("probs must lie in [0, 1]")
+        for name, xs in (("probs", self.probs), ("quantiles", self.quantiles)):
+            if any(b < a for a, b in itertools.pairwise(xs)):
+                raise ValueError(f"{name} must be non-decreasing")
         return self
 
 
@@ -129,19 +151,19 @@ class ModelFile(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     inputs: list[str]
     outputs: list[str]
-    opset: int
-    max_abs_diff: float = Field(description="onnxruntime vs torch on validation rows")
-    max_rel_diff: float
+    opset: int = Field(ge=1)
+    max_abs_diff: float = Field(ge=0, description="onnxruntime vs torch on validation rows")
+    max_rel_diff: float = Field(ge=0)
 
 
 class DataInfo(_Strict):
     source: str
     fingerprint: str = Field(description="sha256 of the training file")
-    rows: int
-    train_rows: int
-    validation_rows: int
-    calibration_rows: int
-    anomaly_rows: int = 0
+    rows: int = Field(ge=0)
+    train_rows: int = Field(ge=0)
+    validation_rows: int = Field(ge=0)
+    calibration_rows: int = Field(ge=0)
+    anomaly_rows: int = Field(0, ge=0)
 
 
 class Manifest(_Strict):
@@ -208,11 +230,61 @@ def schema_changes(old: Manifest, new: Manifest) -> list[str]:
     return out
 
 
-def sha256_file(path: Path) -> str:
+@contextlib.contextmanager
+def open_regular(path: Path, limit: int) -> Iterator[tuple[BinaryIO, int]]:
+    """``path`` opened for reading, with its size, if it is a regular file of at most ``limit``
+    bytes; else BundleError.
+
+    Nothing else in the place of a bundle file is opened or read: not a FIFO (reading one waits
+    for a writer forever), a device (``/dev/zero`` never ends), a directory, nor a symbolic link
+    (wherever it points: a bundle is written as regular files, and a link could lead out of it).
+    The type is checked before opening (lstat) and again on what was opened (fstat), which is
+    opened without following a link and without blocking. Errors opening a regular file
+    (missing, permissions) are raised as OSError.
+    """
+    kind = _not_regular(os.lstat(path).st_mode)
+    if kind:
+        raise BundleError(f"{path}: {kind}, not a regular file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # replaced by a link since the lstat
+            raise BundleError(f"{path}: a symbolic link, not a regular file") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        kind = _not_regular(st.st_mode)
+        if kind:
+            raise BundleError(f"{path}: {kind}, not a regular file")
+        if st.st_size > limit:
+            raise BundleError(f"{path}: {st.st_size} bytes, over the limit of {limit} bytes")
+        yield f, st.st_size
+
+
+def _not_regular(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISLNK: "a symbolic link", stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO"}
+    return next((k for test, k in kinds.items() if test(mode)), "a device or socket")
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The whole content of a regular file of at most ``limit`` bytes (see :func:`open_regular`)."""
+    with open_regular(path, limit) as (f, size):
+        data = f.read(size)
+        if f.read(1):
+            raise BundleError(f"{path}: changed while being read")
+    return data
+
+
+def sha256_file(path: Path, limit: int = MAX_MODEL_BYTES) -> str:
+    """sha256 of a regular file of at most ``limit`` bytes (see :func:`open_regular`)."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open_regular(path, limit) as (f, _):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+            if f.tell() > limit:
+                raise BundleError(f"{path}: grew over the limit of {limit} bytes while read")
     return h.hexdigest()
 
 
@@ -229,29 +301,15 @@ class Bundle:
 
 
 def read_bundle(path: str | os.PathLike[str]) -> Bundle:
-    """Read and verify a bundle: manifest schema, format version, model checksum."""
+    """Read and verify a bundle: manifest schema, format version, model checksum.
+
+    Any problem is a BundleError; one caused by reading (permissions, I/O) has the OSError as
+    its ``__cause__`` (it may pass: the service tries such a version again)."""
     root = Path(path)
     mpath = root / MANIFEST_FILE
     if not root.is_dir():
         raise BundleError(f"{root}: not a bundle directory")
-    try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise BundleError(f"{root}: no {MANIFEST_FILE}") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{mpath}: unreadable manifest: {e}") from e
-    if not isinstance(raw, dict):
-        raise BundleError(f"{mpath}: manifest is not a JSON object")
-    fv = raw.get("format_version")
-    if fv != FORMAT_VERSION:
-        raise BundleError(
-            f"{mpath}: bundle format version {fv!r} is not supported "
-            f"(this service reads version {FORMAT_VERSION})"
-        )
-    try:
-        manifest = Manifest.model_validate(raw)
-    except ValidationError as e:
-        raise BundleError(f"{mpath}: invalid manifest: {e}") from e
+    manifest = parse_manifest(mpath, _read_manifest(root, mpath))
     model = root / manifest.model.file
     if Path(manifest.model.file).name != manifest.model.file:
         raise BundleError(f"{mpath}: model file must be a plain file name")
@@ -264,6 +322,55 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
             f"{model}: sha256 {digest} does not match the manifest ({manifest.model.sha256})"
         )
     return Bundle(root, manifest)
+
+
+def _read_manifest(root: Path, mpath: Path) -> Any:
+    try:
+        return json.loads(read_regular(mpath, MAX_MANIFEST_BYTES).decode("utf-8"))
+    except FileNotFoundError as e:
+        raise BundleError(f"{root}: no {MANIFEST_FILE}") from e
+    except OSError as e:
+        raise BundleError(f"{mpath}: unreadable manifest: {e}") from e
+    except RecursionError:
+        raise BundleError(f"{mpath}: nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as e:  # not UTF-8, not JSON, an integer of thousands of digits
+        raise BundleError(f"{mpath}: unreadable manifest: {e}") from None
+
+
+def parse_manifest(mpath: Path, raw: Any) -> Manifest:
+    """Validate a manifest read from ``mpath`` (BundleError with every problem on one line)."""
+    if not isinstance(raw, dict):
+        raise BundleError(f"{mpath}: manifest is not a JSON object")
+    _check_json(mpath, raw)
+    fv = raw.get("format_version")
+    if fv != FORMAT_VERSION:
+        raise BundleError(
+            f"{mpath}: bundle format version {fv!r} is not supported "
+            f"(this service reads version {FORMAT_VERSION})"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg']}"
+            for err in e.errors(include_url=False)
+        )
+        raise BundleError(f"{mpath}: invalid manifest: {problems}") from None
+
+
+def _check_json(mpath: Path, raw: Any) -> None:
+    """Every number finite and nesting at most MAX_JSON_DEPTH levels, anywhere (free-form
+    sections included), checked with an explicit stack rather than recursion."""
+    stack: list[tuple[Any, str, int]] = [(raw, "", 1)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise BundleError(f"{mpath}: {where} nests more than {MAX_JSON_DEPTH} levels deep")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in items)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise BundleError(f"{mpath}: {where} is {value}, not a finite number")
 
 
 def manifest_json(manifest: Manifest) -> str:

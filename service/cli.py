@@ -15,8 +15,10 @@ from types import FrameType
 from pydantic import SecretStr
 
 from service.bundle import BundleError, schema_changes
-from service.registry import Registry
+from service.registry import Registry, RegistryError
 from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
+
+WARM_UP_TIMEOUT = 60.0  # seconds: `models promote` stops a model that runs longer
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,8 +40,7 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 def serve(settings: Settings) -> int:
     """Check the bundle, then run uvicorn (blocking) with the settings passed to every worker."""
-    from service.registry import Registry, RegistryError
-    from service.runtime import open_bundle
+    from service.registry import RegistryError
 
     if settings.bundle is None and settings.registry is None:
         print(
@@ -48,13 +49,24 @@ def serve(settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    mp = None
+    if settings.workers > 1:  # before prometheus-client is imported
+        mp = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
+            prefix="vae-anomaly-prom-"
+        )
+        Path(mp).mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp
+    from service.lifecycle import preflight  # imports prometheus-client
+
     try:
-        # refuse to start on a broken model or setting, with the reason
-        if settings.registry is not None:
-            open_bundle(Registry(settings.registry).read_serving())
-        else:
-            assert settings.bundle is not None
-            open_bundle(settings.bundle)
+        # refuse to start on a broken setting, or with no model that loads, with the reason
+        version, refused = preflight(settings)
+        if refused:
+            print(
+                f"warning: the serving version cannot be loaded ({refused}); serving {version}, "
+                "the newest earlier serving version that loads",
+                file=sys.stderr,
+            )
         settings.admin_secret()
         settings.api_key_list()
     except (BundleError, RegistryError, OSError, SettingsError) as e:
@@ -65,14 +77,9 @@ def serve(settings: Settings) -> int:
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         os.environ[f"{ENV_PREFIX}{name.upper()}"] = str(value)
-    if settings.workers > 1:
-        mp = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if mp:
-            Path(mp).mkdir(parents=True, exist_ok=True)
-            for f in glob.glob(os.path.join(mp, "*.db")):  # counters start from zero
-                os.unlink(f)
-        else:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vae-anomaly-prom-")
+    if mp is not None:
+        for f in glob.glob(os.path.join(mp, "*.db")):  # counters start from zero (the check's too)
+            os.unlink(f)
     import uvicorn
 
     from service import logs
@@ -123,6 +130,7 @@ def cmd_models(a: argparse.Namespace) -> int:
         elif a.action == "promote":
             if not a.version:
                 raise RegistryError("promote which version?")
+            refuse_if_it_fails_to_run(reg, a.version)
             p = reg.promote(a.version, allow_schema_change=a.allow_schema_change)
             print(f"serving {p.serving} (rollback would return to {p.rollback_target or '-'})")
         elif a.action == "rollback":
@@ -192,7 +200,7 @@ def _list_versions(reg: Registry, service: str | None, api_key: str | None) -> N
                 f"{m.name}  created {m.created_at:%Y-%m-%d %H:%M:%S}  "
                 f"rows {m.data.rows}  parent {m.parent_version or '-'}"
             )
-        except BundleError as e:
+        except (BundleError, RegistryError) as e:
             info = f"BROKEN: {e}"
         mark = "".join(f"  [{x}]" for x in marks)
         print(f"{'*' if v == p.serving else ' '} {v}  {info}{mark}")
@@ -238,6 +246,18 @@ def _show_version(reg: Registry, version: str, raw: bool) -> None:
         ]
     lines.append(f"more: vae-anomaly models show {version} --json --registry {reg.root}")
     print("\n".join(lines))
+
+
+def refuse_if_it_fails_to_run(reg: Registry, version: str) -> None:
+    """Load and warm up ``version`` as the service would: refuse to promote what every
+    worker would refuse."""
+    from service.registry import RegistryError
+    from service.runtime import check_runs, open_bundle
+
+    try:
+        check_runs(*open_bundle(reg.read(version)), timeout=WARM_UP_TIMEOUT)
+    except BundleError as e:
+        raise RegistryError(f"version {version} is broken, not promoted: {e}") from e
 
 
 def cmd_score(a: argparse.Namespace) -> int:

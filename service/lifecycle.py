@@ -9,17 +9,22 @@ version is refused: the old model keeps serving and the refusal is logged and co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
-
-from starlette.concurrency import run_in_threadpool
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from service import metrics
 from service.bundle import Bundle, BundleError, read_bundle, schema_changes
 from service.registry import Registry, RegistryError
+from service.runtime import OnnxModel
 from service.scoring import Scorer
 from service.settings import Settings
+
+T = TypeVar("T")
 
 log = logging.getLogger("vae_anomaly.lifecycle")
 
@@ -39,6 +44,16 @@ def unreadable(e: BaseException) -> bool:
     return isinstance(e, OSError | RegistryError) or isinstance(e.__cause__, OSError)
 
 
+@dataclass
+class Loading:
+    """A model load running in its own thread (a version's load, or a read of the pointer)."""
+
+    version: str | None
+    since: float = field(default_factory=time.time)
+    model: OnnxModel | None = None  # once built: a timeout stops its warm-up run
+    abandoned: bool = False  # given up at the timeout, still running
+
+
 class ModelManager:
     def __init__(self, settings: Settings, on_swap: Callable[[Scorer], None] | None = None) -> None:
         self.settings = settings
@@ -47,6 +62,8 @@ class ModelManager:
         self.on_swap = on_swap
         self._refused: str | None = None  # a version already refused: not retried every poll
         self._lock = asyncio.Lock()
+        self._loads: list[Loading] = []  # running now (abandoned ones included)
+        self._loads_lock = threading.Lock()
 
     def _wanted(self) -> str | None:
         """The version that should serve now (registry pointer, or the bundle's manifest)."""
@@ -55,7 +72,7 @@ class ModelManager:
         assert self.settings.bundle is not None
         return read_bundle(self.settings.bundle).manifest.version
 
-    def _load(self) -> Scorer:
+    def _load(self, loading: Loading) -> Scorer:
         bundle: Bundle
         if self.registry is not None:
             bundle = self.registry.read_serving()
@@ -69,16 +86,93 @@ class ModelManager:
                 f"version {bundle.manifest.version} changes the features clients send "
                 f"({'; '.join(changes)}); set VAE_ANOMALY_ALLOW_SCHEMA_CHANGE=true to accept it"
             )
+        return self._build(bundle, loading)
+
+    def _build(self, bundle: Bundle, loading: Loading) -> Scorer:
         scorer = Scorer(bundle, threads=self.settings.inference_threads)
+        loading.model = scorer.model
+        if loading.abandoned:  # given up while the session was being built
+            raise BundleError(f"{bundle.path}: given up (over the reload timeout)")
         scorer.warm_up()
         return scorer
+
+    async def _bounded(self, version: str | None, fn: Callable[[Loading], T]) -> T:
+        """``fn`` in a thread of its own, for at most RELOAD_TIMEOUT seconds.
+
+        Past the timeout the attempt is given up: an onnxruntime run in progress is stopped,
+        anything else (building a session, a hung file system) is left to finish in its daemon
+        thread, counted in ``vae_anomaly_model_loads_stuck`` and shown by /readyz until it
+        does. The caller goes on either way: a load can never hold the reload lock for long.
+        Any exception but a read error becomes a BundleError (a refusal).
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        loading = Loading(version)
+
+        def deliver(result: T | None, error: BaseException | None) -> None:
+            if not done.done():
+                done.set_exception(error) if error else done.set_result(result)  # type: ignore[arg-type]
+
+        def work() -> None:
+            result, error = None, None
+            try:
+                result = fn(loading)
+            except (BundleError, RegistryError, OSError) as e:
+                error = e
+            except Exception as e:  # whatever a model or a library raises is a refusal
+                error = BundleError(f"{type(e).__name__}: {e}")
+                error.__cause__ = e
+            self._finished(loading)
+            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown)
+                loop.call_soon_threadsafe(deliver, result, error)
+
+        self._started(loading)
+        threading.Thread(target=work, name=f"load-{version}", daemon=True).start()
+        timeout = self.settings.reload_timeout
+        try:
+            return await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            self._abandon(loading)
+            raise BundleError(
+                f"loading {version or 'the pointer'} took over {timeout:g} s; given up"
+            ) from None
+
+    def _started(self, loading: Loading) -> None:
+        with self._loads_lock:
+            self._loads.append(loading)
+
+    def _finished(self, loading: Loading) -> None:
+        with self._loads_lock:
+            self._loads.remove(loading)
+            if loading.abandoned:
+                metrics.MODEL_LOADS_STUCK.dec()
+
+    def _abandon(self, loading: Loading) -> None:
+        with self._loads_lock:
+            if loading not in self._loads:
+                return  # it finished meanwhile
+            loading.abandoned = True
+            metrics.MODEL_LOADS_STUCK.inc()
+        if loading.model is not None:
+            loading.model.abort()
+
+    def loading(self) -> list[dict[str, object]]:
+        """Model loads running now, for /readyz: version, seconds, and whether it is stuck
+        (given up at the timeout but still running)."""
+        now = time.time()
+        with self._loads_lock:
+            return [
+                {"version": x.version, "seconds": round(now - x.since, 1), "stuck": x.abandoned}
+                for x in self._loads
+                if x.version is not None
+            ]
 
     async def reload(self, *, retry_refused: bool = False) -> Reload:
         """Swap in the wanted version if it differs from the serving one."""
         async with self._lock:
             current = self.scorer.version if self.scorer else None
             try:
-                wanted = await run_in_threadpool(self._wanted)
+                wanted = await self._bounded(None, lambda _: self._wanted())
             except (BundleError, RegistryError, OSError) as e:
                 return self._refuse(None, current, f"cannot read the model source: {e}")
             if wanted is None or wanted == current:
@@ -86,8 +180,8 @@ class ModelManager:
             if wanted == self._refused and not retry_refused:
                 return Reload(changed=False, version=current, error="refused before")
             try:
-                scorer = await run_in_threadpool(self._load)
-            except (BundleError, RegistryError, OSError, RuntimeError) as e:
+                scorer = await self._bounded(wanted, self._load)
+            except (BundleError, RegistryError, OSError) as e:
                 return self._refuse(wanted, current, str(e), remember=not unreadable(e))
             self._swap(scorer)
             return Reload(changed=True, version=scorer.version, previous=current)
@@ -136,7 +230,7 @@ class ModelManager:
         result = await self.reload()
         if self.scorer is None and self.registry is not None:
             refused = self._refused
-            scorer = await run_in_threadpool(self._earlier)
+            scorer = await self._earlier()
             if scorer is not None:
                 self._swap(scorer)
                 self._refused = refused  # still refused: not retried at every poll
@@ -147,22 +241,23 @@ class ModelManager:
         if self.scorer is None:
             raise RuntimeError(f"no model to serve: {result.error or 'none is serving'}")
 
-    def _earlier(self) -> Scorer | None:
+    async def _earlier(self) -> Scorer | None:
         """The newest version of the pointer's history that loads, or None."""
-        assert self.registry is not None
+        registry = self.registry
+        assert registry is not None
         try:
-            history = self.registry.pointer().history
+            history = registry.pointer().history
         except RegistryError:
             return None
         for version in reversed(history):
+
+            def load(loading: Loading, v: str = version) -> Scorer:
+                return self._build(registry.read(v), loading)
+
             try:
-                scorer = Scorer(
-                    self.registry.read(version), threads=self.settings.inference_threads
-                )
-                scorer.warm_up()
-            except (BundleError, RegistryError, OSError, RuntimeError):
+                return await self._bounded(version, load)
+            except (BundleError, RegistryError, OSError):
                 continue
-            return scorer
         return None
 
     async def watch(self) -> None:
@@ -173,3 +268,22 @@ class ModelManager:
                 await self.reload()
             except Exception:  # never let the watcher die
                 log.exception("model watch failed")
+
+
+def preflight(settings: Settings) -> tuple[str, str | None]:
+    """What a worker will serve at start, loaded and warmed up as the worker will (each load
+    bounded by RELOAD_TIMEOUT), without touching the metrics: ``serve`` checks this before
+    starting any worker. Returns (version, why the serving version was refused, if it was and
+    an earlier one serves instead); raises BundleError or RegistryError when nothing loads."""
+
+    async def first() -> tuple[str, str | None]:
+        manager = ModelManager(settings)
+        try:
+            return (await manager._bounded(None, manager._load)).version, None
+        except (BundleError, RegistryError, OSError) as e:
+            earlier = await manager._earlier() if manager.registry is not None else None
+            if earlier is None:
+                raise
+            return earlier.version, str(e)
+
+    return asyncio.run(first())

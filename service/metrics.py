@@ -68,6 +68,11 @@ READY = Gauge(
     f"{PREFIX}_ready", "1 when a model is loaded and warmed up", multiprocess_mode="livemax"
 )
 MODEL_RELOADS = Counter(f"{PREFIX}_model_reloads_total", "Model (re)loads", ["result"])
+MODEL_LOADS_STUCK = Gauge(
+    f"{PREFIX}_model_loads_stuck",
+    "Model loads given up at the reload timeout that are still running",
+    multiprocess_mode="livesum",
+)
 SINK_WRITTEN = Counter(f"{PREFIX}_sink_records_total", "Scored records written to the sink")
 SINK_DROPPED = Counter(
     f"{PREFIX}_sink_dropped_records_total", "Scored records dropped: the sink writer was behind"

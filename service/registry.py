@@ -30,13 +30,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.bundle import Bundle, BundleError, fsync_dir, read_bundle, schema_changes
+from service.bundle import (
+    Bundle,
+    BundleError,
+    fsync_dir,
+    read_bundle,
+    read_regular,
+    schema_changes,
+)
 
 POINTER = "pointer.json"
 GATE_FILE = "gate.json"  # a retrained version's promotion-gate decision (training/retrain.py)
 VERSIONS = "versions"
 HISTORY_LIMIT = 100
 STALE_SECONDS = 3600
+MAX_POINTER_BYTES = 1 << 20  # HISTORY_LIMIT versions take a few kB
 
 
 def new_version(at: datetime | None = None) -> str:
@@ -112,10 +120,10 @@ class Registry:
     def pointer(self) -> Pointer:
         path = self.root / POINTER
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(read_regular(path, MAX_POINTER_BYTES))  # no FIFO, no endless file
         except FileNotFoundError:
             return Pointer()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, BundleError, RecursionError) as e:
             raise RegistryError(f"{path}: unreadable pointer: {e}") from e
         if not isinstance(raw, dict):
             raise RegistryError(f"{path}: the pointer is not a JSON object")
@@ -153,10 +161,10 @@ class Registry:
         """The gate's decision stored in a retrained version (None: trained, not retrained)."""
         path = self.version_path(version) / GATE_FILE
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(read_regular(path, MAX_POINTER_BYTES))  # a few kB; bounded anyway
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, BundleError, RecursionError) as e:
             raise RegistryError(f"{path}: unreadable gate record: {e}") from e
         if not isinstance(raw, dict):
             raise RegistryError(f"{path}: the gate record is not a JSON object")

@@ -17,9 +17,9 @@ import numpy as np
 import numpy.typing as npt
 
 from service import metrics
-from service.bundle import BooleanFeature, Bundle, CategoricalFeature, Manifest, NumericFeature
+from service.bundle import Bundle, BundleError, Manifest
 from service.features import Encoder, Percentiles
-from service.runtime import open_bundle
+from service.runtime import check_runs, open_bundle, warm_up_columns
 
 
 @dataclass
@@ -125,19 +125,15 @@ class Scorer:
                 metrics.UNKNOWN_CATEGORY.labels(name).inc(int(rows.sum()))
         return results
 
-    def warm_up(self) -> None:
-        """Score one typical record, so the first real request pays no start-up cost."""
-        record: dict[str, list[Any]] = {}
-        for f in self.manifest.features:
-            if isinstance(f, NumericFeature):
-                record[f.name] = [f.impute]
-            elif isinstance(f, BooleanFeature):
-                record[f.name] = [f.rate >= 0.5]
-            elif isinstance(f, CategoricalFeature):
-                record[f.name] = [f.categories[2] if len(f.categories) > 2 else None]
-        s = self.score(record, None, observe=False)
-        if not np.isfinite(s.score).all():
-            raise RuntimeError("warm-up scored a typical record as non-finite")
+    def warm_up(self, timeout: float | None = None) -> None:
+        """Check the model runs as the contract says (:func:`check_runs`), then score the
+        warm-up records as a request would. Any failure is a BundleError: the model is refused."""
+        check_runs(self.bundle, self.model, timeout=timeout)
+        try:
+            self.score(warm_up_columns(self.manifest), None, observe=False)
+        except Exception as e:  # onnxruntime's own classes (Fail, ...) are not RuntimeErrors
+            path = self.bundle.model_path
+            raise BundleError(f"{path}: warm-up failed: {type(e).__name__}: {e}") from e
         self.ready = True
 
 

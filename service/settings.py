@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     bundle: Path | None = Field(None, description="model bundle directory to serve")
     registry: Path | None = Field(None, description="model registry: serve its serving version")
     poll_interval: float = Field(2.0, gt=0, le=3600, description="seconds between pointer checks")
+    reload_timeout: float = Field(
+        60.0, gt=0, le=3600, description="seconds a model load may take before it is refused"
+    )
     allow_schema_change: bool = Field(
         False, description="accept a new version whose features (names, types) differ"
     )

@@ -90,6 +90,7 @@ def test_every_alert_has_a_runbook_and_a_unit_test() -> None:
         "VaeAnomalyErrors",
         "VaeAnomalyLatencyHigh",
         "VaeAnomalyModelReloadFailed",
+        "VaeAnomalyModelLoadStuck",
         "VaeAnomalyNoModelReady",
     }
     assert all(r["annotations"]["runbook"] for r in rules if "alert" in r)
