@@ -42,7 +42,7 @@ transform = "none"
 
 def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(
-        [cli_executable(), *args], capture_output=True, text=True, timeout=600, check=False
+        [cli_executable(), *args], capture_output=True, text=True, timeout=1800, check=False
     )
     if ok:
         assert r.returncode == 0, r.stdout + r.stderr
