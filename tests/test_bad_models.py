@@ -590,6 +590,9 @@ def test_a_load_that_cannot_be_stopped_is_shown_as_stuck_and_blocks_nothing(
         assert load["version"] == slow and load["stuck"] is True and load["seconds"] >= 5
         assert stuck_gauge() == 1
         assert (await manager.reload()).error == "refused before"  # not started again
+        retry = await manager.reload(retry_refused=True)  # as an admin reload: not twice at once
+        assert retry.error is not None and "still stuck" in retry.error, retry
+        assert len(manager.loading()) == 1
         reg.promote(v2)
         r = await manager.reload()
         assert r.changed and r.version == v2, r
