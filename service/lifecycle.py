@@ -138,7 +138,11 @@ class ModelManager:
             ) from None
 
     def _started(self, loading: Loading) -> None:
+        what = loading.version or "the pointer"
         with self._loads_lock:
+            # one stuck thread per thing at most, not one more at every poll of a hung mount
+            if any(x.abandoned and x.version == loading.version for x in self._loads):
+                raise BundleError(f"an earlier load of {what} is still stuck")
             self._loads.append(loading)
 
     def _finished(self, loading: Loading) -> None:
@@ -157,14 +161,14 @@ class ModelManager:
             loading.model.abort()
 
     def loading(self) -> list[dict[str, object]]:
-        """Model loads running now, for /readyz: version, seconds, and whether it is stuck
-        (given up at the timeout but still running)."""
+        """Model loads running now, for /readyz: version (None: a read of the pointer),
+        seconds, and whether it is stuck (given up at the timeout but still running)."""
         now = time.time()
         with self._loads_lock:
             return [
                 {"version": x.version, "seconds": round(now - x.since, 1), "stuck": x.abandoned}
                 for x in self._loads
-                if x.version is not None
+                if x.version is not None or x.abandoned  # pointer reads: when stuck
             ]
 
     async def reload(self, *, retry_refused: bool = False) -> Reload:

@@ -10,6 +10,7 @@ without a traceback, while the previous version keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from prometheus_client import REGISTRY
 
 from service.bundle import (
     MANIFEST_FILE,
@@ -35,8 +37,10 @@ from service.bundle import (
     BundleError,
     read_bundle,
 )
+from service.lifecycle import ModelManager
 from service.registry import POINTER, Registry, new_version
 from service.scoring import Scorer
+from service.settings import load_settings
 from tests.conftest import add_version, cli_executable, free_port, run_server
 from tests.test_faults import POLL, REFUSED, Steady, failures, log_entries, wait_until
 from tests.test_service import records
@@ -323,6 +327,24 @@ def endless_loop(model: onnx.ModelProto, raw: dict[str, Any]) -> None:
     )
 
 
+def slow_to_build(model: onnx.ModelProto, raw: dict[str, Any]) -> None:
+    """A constant computation (matrix products of a 1500 x 1500 constant) feeding ``elbo``:
+    onnxruntime folds it while it builds the session, which takes seconds of CPU and cannot be
+    interrupted (a session, unlike a run, has no terminate flag)."""
+    shape = const(model, "slow_shape", [1500, 1500])
+    fill = helper.make_tensor("slow_fill", TensorProto.FLOAT, [1], [1e-3])
+    nodes = [helper.make_node("ConstantOfShape", [shape], ["slow0"], value=fill)]
+    for i in range(30):
+        nodes.append(helper.make_node("MatMul", [f"slow{i}", "slow0"], [f"slow{i + 1}"]))
+    nodes += [
+        helper.make_node("ReduceSum", ["slow30"], ["slow_sum"], keepdims=0),
+        helper.make_node("Mul", ["slow_sum", const(model, "slow_0", 0.0, np.float32)], ["slow_z"]),
+    ]
+    replace_output(
+        model, "elbo", lambda orig: [*nodes, helper.make_node("Add", [orig, "slow_z"], ["elbo"])]
+    )
+
+
 MODELS: dict[str, tuple[Edit, str]] = {
     "extra output of a wrong shape": (onnx_edit(extra_output), "unknown model outputs ['debug']"),
     "score of the first row only": (
@@ -516,7 +538,7 @@ def test_a_load_that_takes_too_long_is_shown_then_given_up(
     reg, v1 = registry_copy(good, tmp_path)
     endless = add_variant(reg, v1, onnx_edit(endless_loop))
     v2 = add_variant(reg, v1)
-    env = {"VAE_ANOMALY_POLL_INTERVAL": POLL, "VAE_ANOMALY_RELOAD_TIMEOUT": "3"}
+    env = {"VAE_ANOMALY_POLL_INTERVAL": POLL, "VAE_ANOMALY_RELOAD_TIMEOUT": "5"}
     recs = records(generate_payments(2, seed=123))
     with (
         run_server(["serve", "--registry", str(reg.root)], tmp_path, env=env) as s,
@@ -534,7 +556,7 @@ def test_a_load_that_takes_too_long_is_shown_then_given_up(
         wait_until(lambda: any(x["version"] == endless for x in loading()), "the load shows")
         wait_until(lambda: failures(c) > before, "given up at the timeout", timeout=30)
         refusals = [e for e in log_entries(s, REFUSED) if e.get("wanted") == endless]
-        assert refusals and "took over 3 s" in refusals[0]["reason"], refusals
+        assert refusals and "took over 5 s" in refusals[0]["reason"], refusals
         # its warm-up run was stopped: nothing keeps running, nothing is stuck
         wait_until(lambda: loading() == [], "the load has ended")
         assert "vae_anomaly_model_loads_stuck 0.0" in c.get("/metrics").text
@@ -542,3 +564,42 @@ def test_a_load_that_takes_too_long_is_shown_then_given_up(
         load.wait_for(v2)
     statuses = [st for st, _ in load.results]
     assert len(statuses) > 20 and set(statuses) == {200}, statuses
+
+
+def test_a_load_that_cannot_be_stopped_is_shown_as_stuck_and_blocks_nothing(
+    good: tuple[Path, str], tmp_path: Path
+) -> None:
+    """In process (the same ModelManager the service runs): the slow version is given up at the
+    timeout, shows as stuck while onnxruntime keeps building it, and a promotion made meanwhile
+    loads at once."""
+    reg, v1 = registry_copy(good, tmp_path)
+    slow = add_variant(reg, v1, onnx_edit(slow_to_build))
+    v2 = add_variant(reg, v1)
+    manager = ModelManager(load_settings(registry=reg.root, reload_timeout=5))
+
+    def stuck_gauge() -> float | None:
+        return REGISTRY.get_sample_value("vae_anomaly_model_loads_stuck")
+
+    async def scenario() -> None:
+        await manager.start()
+        assert manager.scorer is not None and manager.scorer.version == v1
+        reg.promote(slow, verify=False)
+        r = await manager.reload()
+        assert r.version == v1 and r.error is not None and "took over 5 s" in r.error, r
+        (load,) = manager.loading()
+        assert load["version"] == slow and load["stuck"] is True and load["seconds"] >= 5
+        assert stuck_gauge() == 1
+        assert (await manager.reload()).error == "refused before"  # not started again
+        retry = await manager.reload(retry_refused=True)  # as an admin reload: not twice at once
+        assert retry.error is not None and "still stuck" in retry.error, retry
+        assert len(manager.loading()) == 1
+        reg.promote(v2)
+        r = await manager.reload()
+        assert r.changed and r.version == v2, r
+        deadline = time.monotonic() + 300
+        while manager.loading() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert manager.loading() == [] and stuck_gauge() == 0
+        assert manager.scorer.version == v2  # the slow one, built at last, was dropped
+
+    asyncio.run(scenario())
