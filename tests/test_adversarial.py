@@ -3,6 +3,7 @@ memory, the event loop, connections, inputs that must be 4xx, exposure."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import os
@@ -282,11 +283,13 @@ def test_a_slow_head_is_cut_off_with_408(server: Server) -> None:
     assert HEADER_TIMEOUT - 0.5 < waited < HEADER_TIMEOUT + 3
 
 
-def test_an_idle_kept_alive_connection_is_closed(server: Server) -> None:
+def test_a_kept_alive_connection_cannot_stall_its_next_head(server: Server) -> None:
     with socket.create_connection(_addr(server), timeout=10) as s:
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert s.recv(4096).startswith(b"HTTP/1.1 200")
-        assert _closed_within(s, HEADER_TIMEOUT + 5) == b""
+        s.sendall(b"GET /healthz HTTP/1.1\r\n")  # the next request's head, never finished
+        got = _closed_within(s, HEADER_TIMEOUT + 5)
+    assert got is not None and got.startswith(b"HTTP/1.1 408"), got
 
 
 def test_busy_connections_make_new_requests_503_not_tcp_errors(
@@ -491,3 +494,46 @@ def test_metrics_and_docs_need_a_key_when_protected(server: Server) -> None:
         assert "ScoreRequest" in c.get("/openapi.json", headers=AUTH).text
         for path in ("/healthz", "/readyz", "/v2/health/ready"):
             assert c.get(path).status_code == 200, path
+
+
+# ---------------------------------------------------------------- the parser process, in-process
+
+
+def test_the_parser_process_reports_errors_counts_and_survives_a_kill(bundle_dir: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    from service.errors import InvalidRecords, Timeout
+    from service.http import parsed_with
+    from service.native import records_to_columns
+    from service.parser_process import ParserProcess
+    from service.settings import Settings
+
+    m = read_bundle(bundle_dir).manifest
+    settings = Settings()
+    bad = json.dumps({"records": [{"nope": 1}] * 3}).encode()
+    good = json.dumps({"records": [_rec()] * 2}).encode()
+
+    def missing() -> float:
+        v = REGISTRY.get_sample_value(
+            "vae_anomaly_invalid_records_total", {"reason": "unknown_field"}
+        )
+        return v or 0.0
+
+    async def scenario() -> None:
+        p = ParserProcess()
+        try:
+            before = missing()
+            with pytest.raises(InvalidRecords) as e:
+                await p.run(parsed_with, records_to_columns, bad, m, settings)
+            assert e.value.errors[0]["field"] == "nope" and e.value.status_code == 422
+            assert missing() == before + 3  # counted here, not lost in the helper
+            columns, n = await p.run(parsed_with, records_to_columns, good, m, settings)
+            assert n == 2 and columns["amount"] == [_rec()["amount"]] * 2
+            os.kill(await p.run(os.getpid), 9)
+            with pytest.raises(Timeout):  # the helper died: a 503, and a new helper
+                await p.run(os.getpid)
+            assert (await p.run(parsed_with, records_to_columns, good, m, settings))[1] == 2
+        finally:
+            p.close()
+
+    asyncio.run(scenario())
