@@ -265,7 +265,7 @@ def create_app(settings: Settings) -> ServiceApp:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await models.start()
         app.state.parser = ParserProcess()
-        warm = asyncio.create_task(app.state.parser.warm_up())
+        await app.state.parser.warm_up()  # ready means ready for big bodies too
         tune_gc()
         watcher = asyncio.create_task(models.watch()) if models.registry else None
         if settings.batch_max_records > 0:
@@ -280,7 +280,6 @@ def create_app(settings: Settings) -> ServiceApp:
         try:
             yield
         finally:
-            warm.cancel()
             app.state.parser.close()
             if watcher is not None:
                 watcher.cancel()

@@ -84,9 +84,10 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._await_head()
         if len(self.connections) > self.lim.max_connections:
-            oldest = next(iter(self.waiting))
-            if oldest is not self:
-                oldest._close(None)
+            for oldest in list(self.waiting):
+                if oldest is not self and not oldest.transport.is_closing():
+                    oldest._close(None)
+                    break
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()

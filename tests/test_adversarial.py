@@ -154,7 +154,8 @@ def tree_rss_mb(pid: int) -> float:
                 todo += [int(c) for c in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
         except FileNotFoundError:
             continue
-        total += next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS"))
+        rss = [int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS")]
+        total += sum(rss)  # none: a process that has just ended
     return total / 1024
 
 
@@ -175,17 +176,19 @@ def test_hostile_bodies_get_a_short_4xx_or_a_score(
 
 
 def test_memory_stays_flat_after_many_hostile_bodies(server: Server) -> None:
-    # an eighth of the limit each (a 16 MB one takes seconds here): what is kept grows as well
-    shapes = hostile_bodies(BODY_LIMIT // 8)
-    bodies = [shapes[k] for k in ("unknown fields in records", "top-level keys", "tiny records")]
-    for body in bodies:  # warm-up: each shape once
+    # a quarter of the limit each (a 16 MB one takes seconds here); before the fix each such
+    # body left ~75 MB behind until a full collection, so the peak is measured, not the end
+    shapes = hostile_bodies(BODY_LIMIT // 4)
+    bodies = [shapes["unknown fields in records"], shapes["one wide record"]]
+    for body in bodies * 2:  # warm-up
         _post(server, "/v1/score", body)
     before = tree_rss_mb(server.proc.pid)
+    seen = []
     for i in range(50):
         r = _post(server, "/v1/score", bodies[i % len(bodies)])
-        assert r.status_code in (200, 422)
-    after = tree_rss_mb(server.proc.pid)
-    assert after - before < 50, (before, after)
+        assert r.status_code == 422
+        seen.append(tree_rss_mb(server.proc.pid))
+    assert max(seen) - before < 50, (before, seen)
 
 
 def health_while_handling(server: Server, path: str, body: bytes) -> tuple[int, list[float]]:
@@ -193,10 +196,10 @@ def health_while_handling(server: Server, path: str, body: bytes) -> tuple[int, 
     status: list[int] = []
     t = threading.Thread(target=lambda: status.append(_post(server, path, body).status_code))
     t.start()
-    times = []
+    times = [healthz_seconds(server)]
     while t.is_alive():
-        times.append(healthz_seconds(server))
         time.sleep(0.005)
+        times.append(healthz_seconds(server))
     t.join()
     return status[0], times
 
@@ -218,13 +221,19 @@ def test_health_answers_within_50_ms_while_any_body_is_handled(
         300_000,
     )
     jobs = [("/v1/score", b) for b in hostile.values()] + [(f"/v2/models/{name}/infer", v2_wide)]
-    times: list[float] = []
-    for path, body in jobs + jobs[:2]:  # the costliest shapes twice
-        status, polled = health_while_handling(server, path, body)
-        assert status in (200, 400, 422), (path, status)
-        times += polled
-    assert len(times) > 20
-    assert max(times) < 0.050, sorted(times)[-5:]
+    for path, body in jobs:
+        # The machine is shared: a poll can wait for a CPU whatever the server does. A body
+        # that stops the event loop delays the polls in every run (by seconds before the
+        # helper process); so each body gets up to three runs, and one must be clean.
+        runs = []
+        for _ in range(3):
+            status, polled = health_while_handling(server, path, body)
+            assert status in (200, 400, 422), (path, status)
+            runs.append(polled)
+            if max(polled) < 0.050:
+                break
+        slowest = min(max(r) for r in runs)
+        assert slowest < 0.050, (path, body[:60], [sorted(r)[-3:] for r in runs])
 
 
 # ---------------------------------------------------------------- connections
