@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -63,6 +64,10 @@ class ParserProcess:
 
     @staticmethod
     def _new_pool() -> ProcessPoolExecutor:
+        # The fork server runs `python -c ...`, which puts the working directory first on its
+        # sys.path (and Python 3.11 ignores the parent's): a `service` directory there would be
+        # imported instead of this one. Safe-path mode leaves the working directory out.
+        os.environ["PYTHONSAFEPATH"] = "1"
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["service.native", "service.v2"])
         return ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=TASKS_PER_CHILD)
