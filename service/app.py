@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
@@ -22,11 +23,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from service import __version__, admin, logs, metrics, native, v2
-from service.auth import Secrets
+from service.auth import Secrets, require_api_key, require_metadata_key
 from service.batching import MicroBatcher
 from service.errors import InvalidRecords, ServiceError, Timeout
 from service.http import JSON
 from service.lifecycle import ModelManager
+from service.parser_process import ParserProcess
 from service.scoring import Scorer
 from service.settings import Settings, load_settings
 from service.sink import RecordSink
@@ -140,7 +142,8 @@ def _error_body(request: Request, message: str, errors: list[dict[str, Any]]) ->
 
 
 def error_response(request: Request, exc: ServiceError) -> JSON:
-    if not isinstance(exc, InvalidRecords) and exc.status_code in (400, 413):
+    exc.forget()  # nothing of the request (a parsed body, a frame) outlives the answer
+    if not isinstance(exc, InvalidRecords) and exc.status_code in (400, 413, 415):
         metrics.INVALID_RECORDS.labels(exc.reason).inc()
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
     body = _error_body(request, exc.message, exc.errors)
@@ -226,6 +229,20 @@ def install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def install_keyed_docs(app: FastAPI) -> None:
+    """/openapi.json and /docs behind an API key (``protect_metadata``): the schema shows each
+    feature's training range and categories."""
+    keyed: dict[str, Any] = {"include_in_schema": False, "dependencies": [Depends(require_api_key)]}
+
+    @app.get("/openapi.json", **keyed)
+    async def openapi_json() -> JSON:
+        return JSON(app.openapi())
+
+    @app.get("/docs", **keyed)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+
 def tune_gc() -> None:
     """After start-up: move what is loaded so far (libraries, the first model) out of the
     cyclic collector's sight, and collect less often. Requests make many short-lived objects;
@@ -247,6 +264,8 @@ def create_app(settings: Settings) -> ServiceApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await models.start()
+        app.state.parser = ParserProcess()
+        await app.state.parser.warm_up()  # ready means ready for big bodies too
         tune_gc()
         watcher = asyncio.create_task(models.watch()) if models.registry else None
         if settings.batch_max_records > 0:
@@ -264,6 +283,7 @@ def create_app(settings: Settings) -> ServiceApp:
         try:
             yield
         finally:
+            app.state.parser.close()
             if watcher is not None:
                 watcher.cancel()
             if app.state.batcher is not None:
@@ -271,7 +291,11 @@ def create_app(settings: Settings) -> ServiceApp:
             if app.state.sink is not None:
                 app.state.sink.close()
 
+    closed = settings.protect_metadata  # then the documentation routes are added with a key check
     app = ServiceApp(
+        openapi_url=None if closed else "/openapi.json",
+        docs_url=None if closed else "/docs",
+        redoc_url=None if closed else "/redoc",
         title="vae-anomaly",
         version=__version__,
         lifespan=lifespan,
@@ -313,8 +337,15 @@ def create_app(settings: Settings) -> ServiceApp:
             }
         )
 
+    if closed:
+        install_keyed_docs(app)
+
     @app.get(
-        "/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse
+        "/metrics",
+        tags=["health"],
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        dependencies=[Depends(require_metadata_key)],
     )
     async def prometheus_metrics() -> Response:
         body, ctype = metrics.exposition()

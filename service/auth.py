@@ -61,6 +61,12 @@ async def require_api_key(request: Request) -> None:
     check_api_key(request)
 
 
+async def require_metadata_key(request: Request) -> None:
+    """/metrics, /docs and /openapi.json: open, or (``protect_metadata``) as scoring."""
+    if request.app.state.settings.protect_metadata:
+        check_api_key(request)
+
+
 async def require_admin(request: Request) -> None:
     """Admin endpoints: off (404) without an admin token configured; else the token, as a
     bearer token, or 401/403."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import importlib.util
 import os
+import resource
 import signal
 import sys
 import tempfile
@@ -89,6 +91,10 @@ def serve(settings: Settings) -> int:
     # process would end "killed by SIGTERM" (143) after a clean shutdown. Exit 0, as the
     # several-worker supervisor does. (A SIGTERM before uvicorn takes over exits 0 at once.)
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:  # room for max_connections (the workers inherit the limit)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     uvicorn.run(
         "service.app:app_from_env",
         factory=True,
@@ -97,7 +103,8 @@ def serve(settings: Settings) -> int:
         workers=settings.workers,
         # uvloop: with several workers the plain asyncio loop adds ~44 ms per request here
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http="service.protocol:GuardedProtocol",  # limits on heads, idle and open connections
+        timeout_keep_alive=settings.keepalive_timeout,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,

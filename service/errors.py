@@ -16,6 +16,14 @@ class ServiceError(Exception):
         self.message = message
         self.errors = errors or []
 
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in the parsing process, rendered here
+        return (type(self), (self.message, self.errors))
+
+    def forget(self) -> None:
+        """Drop what the error keeps reachable beyond its message: its traceback (the frames,
+        with a parsed body and its locals) and the exceptions it was raised from."""
+        self.__traceback__ = self.__context__ = self.__cause__ = None
+
 
 class BadRequest(ServiceError):
     status_code = 400
@@ -39,6 +47,11 @@ class InvalidParameters(ServiceError):
 class PayloadTooLarge(ServiceError):
     status_code = 413
     reason = "body_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
+    reason = "unsupported_media_type"
 
 
 class ClientClosed(ServiceError):
@@ -104,6 +117,7 @@ def error_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
         403: {"model": model, "description": "API key not accepted"},
         404: {"model": model, "description": "no such model or version"},
         413: {"model": model, "description": "body over the size limit"},
+        415: {"model": model, "description": "body not sent as application/json"},
         422: {"model": model, "description": "invalid records or parameters"},
         503: {"model": model, "description": "no model ready, or the request timed out"},
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -12,7 +13,14 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.batching import MicroBatcher
-from service.errors import ClientClosed, InvalidJSON, NotReady, PayloadTooLarge
+from service.errors import (
+    ClientClosed,
+    InvalidJSON,
+    NotReady,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from service.parser_process import ParserProcess
 from service.scoring import Scored, Scorer
 from service.settings import Settings
 from service.sink import RecordSink
@@ -48,7 +56,7 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
-INLINE_RECORDS = 64  # requests this small are validated and rendered on the event loop
+INLINE_RECORDS = 64  # requests this small are rendered on the event loop
 
 
 async def offload(size: int, fn: Callable[..., T], *args: Any) -> T:
@@ -89,14 +97,42 @@ ScorerDep = Annotated[Scorer, Depends(get_scorer)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON, refusing more than ``limit`` bytes (413) or invalid JSON (400).
+def body_headers(request: Request, limit: int) -> None:
+    """Refuse, before reading it, a body that is not plain JSON (415) or declared too large
+    (413). One pass over the raw headers: this runs on the hot path.
 
-    Non-standard ``NaN``/``Infinity`` tokens parse (to be refused per field with a clear reason).
+    Only ``application/json`` is read: a browser page may POST ``text/plain``, a form type
+    or no type at all cross-origin without a CORS preflight; curl's ``-d`` sends a form type.
     """
-    declared = request.headers.get("content-length")
+    ctype = encoding = declared = None
+    for k, v in request.scope["headers"]:
+        if k == b"content-type":
+            ctype = v
+        elif k == b"content-length":
+            declared = v
+        elif k == b"content-encoding":
+            encoding = v
+    if ctype != b"application/json" and (ctype is None or not JSON_TYPE.match(ctype)):
+        given = ctype.decode("latin-1")[:80] if ctype is not None else "none"
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {given}")
+    if encoding is not None and encoding.strip().lower() != b"identity":
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding.decode('latin-1')[:40]} is not supported: "
+            "send the JSON uncompressed"
+        )
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes is over the {limit}-byte limit")
+        raise PayloadTooLarge(
+            f"request body of {int(declared)} bytes is over the {limit}-byte limit"
+        )
+
+
+JSON_TYPE = re.compile(rb"[ \t]*application/json[ \t]*(;|\Z)", re.IGNORECASE)
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (413) or not JSON (415)."""
+    body_headers(request, limit)
     chunks, size = [], 0
     receive = request.receive  # the ASGI channel itself: Request.stream() costs more per call
     while True:
@@ -110,11 +146,38 @@ async def read_json(request: Request, limit: int) -> Any:
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    body = b"".join(chunks)
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if body.startswith(GZIP_MAGIC):
+        raise UnsupportedMediaType("the body is gzip-compressed: send the JSON uncompressed")
+    return body
+
+
+def parse_json(body: bytes) -> Any:
+    """``body`` as JSON, or InvalidJSON (400). Non-standard ``NaN``/``Infinity`` tokens parse
+    (to be refused per field with a clear reason); a lone UTF-16 surrogate does not (no string
+    holding one can be encoded again, in a reply, a log line or the model's input)."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
+        if "surrogate" in str(e):
+            raise InvalidJSON(f"request body is not valid JSON: {e}") from None
         try:
             return json.loads(body)  # accepts NaN / Infinity
         except (ValueError, RecursionError):
             raise InvalidJSON(f"request body is not valid JSON: {e}") from None
+
+
+INLINE_BYTES = 64 * 1024  # bodies this small are parsed and validated on the event loop
+
+
+async def parse_body(request: Request, body: bytes, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(JSON of body, *args)``: on the event loop for a small body, else in the parser
+    process (see service.parser_process)."""
+    if len(body) <= INLINE_BYTES:
+        return fn(parse_json(body), *args)
+    parser: ParserProcess = request.app.state.parser
+    return await parser.run(parsed_with, fn, body, *args)
+
+
+def parsed_with(fn: Callable[..., T], body: bytes, *args: Any) -> T:
+    return fn(parse_json(body), *args)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -22,13 +24,14 @@ from service.bundle import (
     ScoreType,
 )
 from service.errors import ERROR_RESPONSES, InvalidParameters, InvalidRecords
-from service.http import JSON, ScorerDep, current_scorer, offload, read_json
+from service.http import JSON, ScorerDep, current_scorer, offload, parse_body, read_body
 from service.http import score as score_with
 from service.scoring import Scored, Scorer, top_features
 from service.settings import Settings
 
 MAX_LISTED_ERRORS = 100
 MAX_EXPLAIN = 1000
+INTEGER = re.compile(r"-?[0-9]{1,9}\Z")
 FLOAT_MAX = 1.7976931348623157e308
 
 
@@ -163,12 +166,12 @@ def records_to_columns(body: Any, m: Manifest, s: Settings) -> tuple[dict[str, l
                 }
             ],
         )
-    extra = sorted(body.keys() - {"records"}) if len(body) > 1 else []
     records = body["records"]
     n = len(records)
-    if extra:
+    if len(body) > 1:
+        extra = list(itertools.islice((k for k in body if k != "records"), MAX_LISTED_ERRORS))
         raise InvalidRecords(
-            f"unknown top-level field(s) {extra}",
+            f"{len(body) - 1} unknown top-level field(s), such as {extra[:5]}",
             [
                 {"record": None, "field": k, "reason": "unknown_field", "message": "unknown field"}
                 for k in extra
@@ -195,7 +198,7 @@ def records_to_columns(body: Any, m: Manifest, s: Settings) -> tuple[dict[str, l
     known = {f.name for f in feats}
     ignored = set(m.ignored_columns)
     columns: dict[str, list[Any]] = {f.name: [None] * n for f in feats}
-    errors: list[dict[str, Any]] = []
+    errors = _CappedErrors()
     bad_records = 0
     for i, rec in enumerate(records):
         first: str | None = None
@@ -232,15 +235,41 @@ def records_to_columns(body: Any, m: Manifest, s: Settings) -> tuple[dict[str, l
         if first:
             bad_records += 1
             metrics.INVALID_RECORDS.labels(first).inc()
-    if errors:
-        shown = errors[:MAX_LISTED_ERRORS]
+    if errors.total:
         more = (
-            f" (first {len(shown)} of {len(errors)} errors listed)"
-            if len(errors) > len(shown)
+            f" (first {len(errors)} of {errors.total} errors listed)"
+            if errors.total > len(errors)
             else ""
         )
-        raise InvalidRecords(f"{bad_records} of {n} records are invalid{more}", shown)
+        raise InvalidRecords(f"{bad_records} of {n} records are invalid{more}", list(errors))
     return columns, n
+
+
+class _CappedErrors(list[dict[str, Any]]):
+    """Keeps the first MAX_LISTED_ERRORS errors and counts the others: a hostile body can
+    hold millions (a record of a million unknown fields)."""
+
+    total = 0
+
+    def append(self, error: dict[str, Any]) -> None:
+        self.total += 1
+        if len(self) < MAX_LISTED_ERRORS:
+            super().append(error)
+
+
+def columns_and_ids(
+    body: Any, m: Manifest, s: Settings, with_ids: bool
+) -> tuple[dict[str, list[Any]], int, list[dict[str, Any]] | None]:
+    """:func:`records_to_columns`, plus each record's id columns (the ones training ignored)
+    when the sink wants them (it writes them beside the record)."""
+    columns, n = records_to_columns(body, m, s)
+    if not (with_ids and m.ignored_columns):
+        return columns, n, None
+    ids = [
+        {c: r[c] for c in m.ignored_columns if c in r} if isinstance(r, dict) else {}
+        for r in body["records"]
+    ]
+    return columns, n, ids
 
 
 # ---------------------------------------------------------------- OpenAPI schema of a model
@@ -374,11 +403,10 @@ def query_options(request: Request, scorer: Scorer, settings: Settings) -> tuple
         errors.append(_param_error("score", "literal_error", f"expected one of {allowed}"))
     k = settings.explain
     if explain is not None:
-        try:
-            k = int(explain)
-        except ValueError:
+        if not INTEGER.match(explain):  # int() would read "1_0" as 10, "١" as 1
             errors.append(_param_error("explain", "int_parsing", "expected an integer"))
         else:
+            k = int(explain)
             if not 0 <= k <= MAX_EXPLAIN:
                 errors.append(_param_error("explain", "out_of_range", f"0 to {MAX_EXPLAIN}"))
     if errors:
@@ -407,14 +435,16 @@ async def score_records(request: Request) -> JSON:
     scorer = current_scorer(request)
     settings: Settings = request.app.state.settings
     score_type, k = query_options(request, scorer, settings)
-    body = await read_json(request, settings.max_body_bytes)
-    size = (
-        len(body["records"])
-        if isinstance(body, dict) and isinstance(body.get("records"), list)
-        else 0
+    body = await read_body(request, settings.max_body_bytes)
+    columns, n, ids = await parse_body(
+        request,
+        body,
+        columns_and_ids,
+        scorer.manifest,
+        settings,
+        request.app.state.sink is not None,
     )
-    columns, n = await offload(size, records_to_columns, body, scorer.manifest, settings)
-    scored = await score_with(request, scorer, columns, n, score_type, body["records"])
+    scored = await score_with(request, scorer, columns, n, score_type, ids)
     return JSON(await offload(n, results_json, scorer, scored, k))
 
 

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         None, description="API keys for scoring, comma-separated (none: scoring is open)"
     )
     api_keys_file: Path | None = Field(None, description="file of API keys, one per line")
+    protect_metadata: bool = Field(
+        False, description="/metrics, /docs and /openapi.json need an API key too"
+    )
     sink_dir: Path | None = Field(None, description="write a sample of scored records here (JSONL)")
     sink_sample: float = Field(
         1.0, gt=0, le=1, description="share of scored records the sink keeps (uniform sample)"
@@ -47,6 +50,15 @@ class Settings(BaseSettings):
     request_timeout: float = Field(
         30.0, gt=0, le=3600, description="seconds a request may take before a 503"
     )
+    header_timeout: float = Field(
+        10.0, gt=0, le=3600, description="seconds a client has to send a request head"
+    )
+    keepalive_timeout: int = Field(5, ge=1, le=3600, description="seconds an idle connection stays")
+    max_connections: int = Field(
+        1000, ge=1, description="open connections per worker (at most the open-file limit)"
+    )
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="request head size limit")
+    max_headers: int = Field(100, ge=8, description="request headers, at most")
     max_string_length: int = Field(256, ge=1, description="longest category string accepted")
     unknown_fields: Literal["reject", "ignore"] = Field(
         "reject", description="what to do with a record field the model does not know"
@@ -69,6 +81,8 @@ class Settings(BaseSettings):
             raise ValueError("give admin_token or admin_token_file, not both")
         if self.api_keys is not None and self.api_keys_file is not None:
             raise ValueError("give api_keys or api_keys_file, not both")
+        if self.protect_metadata and self.api_keys is None and self.api_keys_file is None:
+            raise ValueError("protect_metadata needs API keys (api_keys or api_keys_file)")
         return self
 
     def admin_secret(self) -> str | None:

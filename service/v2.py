@@ -17,9 +17,9 @@ from pydantic import BaseModel, Field
 
 from service import __version__
 from service.auth import require_api_key
-from service.bundle import BooleanFeature, CategoricalFeature, NumericFeature, ScoreType
+from service.bundle import BooleanFeature, CategoricalFeature, Manifest, NumericFeature, ScoreType
 from service.errors import V2_ERROR_RESPONSES, BadRequest, NotFound
-from service.http import JSON, ScorerDep, SettingsDep, offload, read_json
+from service.http import JSON, ScorerDep, SettingsDep, parse_body, read_body
 from service.http import score as score_with
 from service.scoring import Scorer
 from service.settings import Settings
@@ -29,6 +29,13 @@ Datatype = Literal[
     "UINT8", "UINT16", "UINT32", "UINT64",
 ]  # fmt: skip
 NUMERIC_TYPES = set(get_args(Datatype)) - {"BOOL", "BYTES"}
+# the values each numeric datatype can hold: (least, greatest, integers only)
+RANGES: dict[str, tuple[float, float, bool]] = {
+    **{f"INT{b}": (-(2 ** (b - 1)), 2 ** (b - 1) - 1, True) for b in (8, 16, 32, 64)},
+    **{f"UINT{b}": (0, 2**b - 1, True) for b in (8, 16, 32, 64)},
+    "FP16": (-65504.0, 65504.0, False),
+    "FP32": (-3.4028234663852886e38, 3.4028234663852886e38, False),
+}
 OUTPUTS = {"score": "FP64", "is_anomaly": "BOOL", "percentile": "FP64"}
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -98,6 +105,10 @@ def _flatten(data: Any, depth: int) -> list[Any]:
     return out
 
 
+def _fits(v: float, least: float, greatest: float, integral: bool) -> bool:
+    return least <= v <= greatest and (not integral or isinstance(v, int) or v.is_integer())
+
+
 def _column(
     f: NumericFeature | BooleanFeature | CategoricalFeature, t: dict[str, Any], max_len: int
 ) -> list[Any]:
@@ -135,6 +146,8 @@ def _column(
                 ok = False
             if not ok:
                 raise BadRequest(f"input {name!r}[{i}]: expected a finite number, got {v!r:.40}")
+            if dt in RANGES and not _fits(v, *RANGES[dt]):
+                raise BadRequest(f"input {name!r}[{i}]: {v!r:.40} is not a {dt} value")
             out.append(float(v))
         elif kind == "boolean":
             if not isinstance(v, bool):
@@ -212,11 +225,14 @@ async def model_ready(name: str, scorer: ScorerDep, version: str | None = None) 
 
 
 def _parse(
-    body: Any, scorer: Scorer, settings: Settings
-) -> tuple[dict[str, list[Any]], int, str | None, list[str]]:
-    """Validate an inference request: (columns, records, score type, output names)."""
+    body: Any, m: Manifest, settings: Settings
+) -> tuple[dict[str, list[Any]], int, str | None, list[str], str | None]:
+    """Validate an inference request: (columns, records, score type, output names, id)."""
     if not isinstance(body, dict):
         raise BadRequest("the inference request must be a JSON object")
+    rid = body.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise BadRequest(f"'id' must be a string, got {type(rid).__name__}")
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
         raise BadRequest("'inputs' must be a list of tensor objects")
@@ -226,7 +242,6 @@ def _parse(
     if not isinstance(params, dict):
         raise BadRequest("'parameters' must be an object")
     score_type = params.get("score_type")
-    m = scorer.manifest
     if score_type is not None and score_type not in m.score_types:
         raise BadRequest(f"parameter score_type must be one of {m.score_types}")
     by_name: dict[str, dict[str, Any]] = {}
@@ -264,7 +279,7 @@ def _parse(
         bad = [o for o in names if o not in OUTPUTS]
         if bad:
             raise BadRequest(f"unknown output(s) {bad}; available: {list(OUTPUTS)}")
-    return columns, n, score_type, names
+    return columns, n, score_type, names, rid
 
 
 INFER: dict[str, Any] = {
@@ -290,17 +305,9 @@ async def infer(
     version: str | None = None,
 ) -> JSON:
     _check_model(scorer, name, version)
-    body = await read_json(request, settings.max_body_bytes)
-    size = (
-        sum(
-            len(t["data"])
-            for t in body["inputs"]
-            if isinstance(t, dict) and isinstance(t.get("data"), list)
-        )
-        if isinstance(body, dict) and isinstance(body.get("inputs"), list)
-        else 0
-    )
-    columns, n, score_type, names = await offload(size, _parse, body, scorer, settings)
+    body = await read_body(request, settings.max_body_bytes)
+    parsed = await parse_body(request, body, _parse, scorer.manifest, settings)
+    columns, n, score_type, names, rid = parsed
     scored = await score_with(request, scorer, columns, n, score_type)
     data = {"score": scored.score, "is_anomaly": scored.is_anomaly, "percentile": scored.percentile}
     m = scorer.manifest
@@ -312,6 +319,6 @@ async def infer(
         ],
         "parameters": {"score_type": scored.score_type, "threshold": scored.threshold},
     }
-    if "id" in body:
-        out["id"] = body["id"]
+    if rid is not None:
+        out["id"] = rid
     return JSON(out)
