@@ -78,7 +78,11 @@ class ModelManager:
                 f"({schema_of(bundle.manifest)} vs {schema_of(old.manifest)}); "
                 "set VAE_ANOMALY_ALLOW_SCHEMA_CHANGE=true to accept it"
             )
-        scorer = Scorer(bundle, threads=self.settings.inference_threads)
+        scorer = Scorer(
+            bundle,
+            threads=self.settings.inference_threads,
+            drift_features=self.settings.drift_features,
+        )
         scorer.warm_up()
         return scorer
 
@@ -115,7 +119,10 @@ class ModelManager:
 
     def _swap(self, scorer: Scorer) -> None:
         old = self.scorer
+        scorer.drift.publish()  # its drift series exist before it counts a record
         self.scorer = scorer  # the swap: one reference assignment
+        if old is not None:
+            old.drift.retire()
         self._refused = None
         metrics.describe_model(scorer.manifest, old.manifest if old else None)
         metrics.MODEL_RELOADS.labels("success").inc()
@@ -166,7 +173,9 @@ class ModelManager:
         for version in reversed(history):
             try:
                 scorer = Scorer(
-                    self.registry.read(version), threads=self.settings.inference_threads
+                    self.registry.read(version),
+                    threads=self.settings.inference_threads,
+                    drift_features=self.settings.drift_features,
                 )
                 scorer.warm_up()
             except (BundleError, RegistryError, OSError, RuntimeError):

@@ -14,6 +14,7 @@ import torch
 from onnx import numpy_helper
 
 from service.bundle import Bundle
+from service.drift_report import drift_table
 from service.features import encode_columns
 from service.registry import Registry
 from service.runtime import OnnxModel
@@ -188,6 +189,7 @@ def retrain(
             str(m.data.train_rows),
         )
     )
+    table += drift_table(parent.manifest, df) if parent else []  # why a retrain is due
     passed = all(c.passed for c in checks)
     promoted = False
     if passed or force or parent is None:
