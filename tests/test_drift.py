@@ -166,7 +166,7 @@ def test_tracked_features_setting(trained: Result) -> None:
     assert Buckets(m.features, []).n == 0
 
 
-def test_a_bundle_without_reference_serves_without_drift_series(
+def test_a_bundle_without_reference_scores_without_drift_series(
     bundle_dir: Path, tmp_path: Path
 ) -> None:
     old = tmp_path / "old"
