@@ -146,6 +146,44 @@ class ScoreDistribution(_Strict):
         return self
 
 
+class BucketReference(_Strict):
+    """Drift reference of one feature (or of the default score): its buckets and the share of
+    the calibration records in each. Numeric and boolean values (and scores) fall in bucket
+    ``i`` when ``edges[i-1] < x <= edges[i]``, then features have a ``<missing>`` bucket;
+    a categorical value's bucket is ``index[category index]``. Summaries only, no records."""
+
+    name: str
+    buckets: list[str] = Field(min_length=1)
+    expected: list[float] = Field(description="share of the calibration records in each bucket")
+    edges: list[float] = Field(default_factory=list)
+    index: list[int] = Field(default_factory=list)
+    ks_values: list[float] = Field(
+        default_factory=list, description="numeric: grid of values where the CDF is known"
+    )
+    ks_cdf: list[float] = Field(
+        default_factory=list, description="share of present calibration values <= each"
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> BucketReference:
+        if len(self.expected) != len(self.buckets) or len(set(self.buckets)) != len(self.buckets):
+            raise ValueError(f"{self.name}: one expected share per bucket, unique buckets")
+        if any(i < 0 or i >= len(self.buckets) for i in self.index):
+            raise ValueError(f"{self.name}: bucket index out of range")
+        if len(self.ks_values) != len(self.ks_cdf):
+            raise ValueError(f"{self.name}: ks_values and ks_cdf differ in length")
+        return self
+
+
+class Reference(_Strict):
+    """What drift is measured against: the calibration records, bucketed (optional in a
+    manifest: a bundle without it is served with no drift tracking)."""
+
+    rows: int = Field(ge=1, description="calibration records summarised")
+    features: list[BucketReference]
+    score: BucketReference = Field(description="the default score, by calibration deciles")
+
+
 class ModelFile(_Strict):
     file: str = MODEL_FILE
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -186,6 +224,7 @@ class Manifest(_Strict):
     libraries: dict[str, str]
     data: DataInfo
     model: ModelFile
+    reference: Reference | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

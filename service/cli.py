@@ -323,6 +323,35 @@ def cmd_score_spark(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drift(a: argparse.Namespace) -> int:
+    import json
+
+    from service.batch import BatchError, resolve
+    from service.drift_report import DRIFTED, drift_file, verdict, write_html
+    from service.registry import RegistryError
+
+    try:
+        bundle = resolve(a.model)
+        result = drift_file(bundle, a.data, chunk_size=a.chunk_size, threads=a.threads)
+        write_html(result, a.html)
+    except (BatchError, BundleError, RegistryError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(result.as_json(), indent=2))
+        return 0
+    print(f"{result.records} records against {result.model} {result.version}")
+    rows = result.ranked() + ([result.score] if result.score else [])
+    width = max(len(d.feature) for d in rows)
+    print(f"{'feature':<{width}}  {'PSI':>7}  {'KS':>6}  verdict (PSI > {DRIFTED}: drifted)")
+    for d in rows:
+        psi = "-" if d.psi is None else f"{d.psi:.4f}"
+        ks = "-" if d.ks is None else f"{d.ks:.4f}"
+        print(f"{d.feature:<{width}}  {psi:>7}  {ks:>6}  {verdict(d.psi)}")
+    print(f"report: {a.html}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("serve", help="serve a model bundle (or a registry's serving version)")
     src = s.add_mutually_exclusive_group()
@@ -357,6 +386,17 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     b.add_argument("--master", help="for --engine spark: the Spark master (default: Spark's)")
     b.set_defaults(func=cmd_score)
+
+    d = sub.add_parser(
+        "drift", help="drift of a file against a model's reference: PSI and KS per feature"
+    )
+    d.add_argument("model", type=Path, help="a bundle, or a registry (its serving version)")
+    d.add_argument("data", type=Path, help="CSV, Parquet or JSON Lines file")
+    d.add_argument("--html", type=Path, default=Path("drift-report.html"), help="report to write")
+    d.add_argument("--json", action="store_true", help="print the figures as JSON")
+    d.add_argument("--chunk-size", type=int, default=100_000, help="records per chunk")
+    d.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    d.set_defaults(func=cmd_drift)
 
     m = sub.add_parser("models", help="list, show, promote, roll back or prune registry versions")
     m.add_argument("action", choices=["list", "show", "promote", "rollback", "prune"])

@@ -89,7 +89,11 @@ class ModelManager:
         return self._build(bundle, loading)
 
     def _build(self, bundle: Bundle, loading: Loading) -> Scorer:
-        scorer = Scorer(bundle, threads=self.settings.inference_threads)
+        scorer = Scorer(
+            bundle,
+            threads=self.settings.inference_threads,
+            drift_features=self.settings.drift_features,
+        )
         loading.model = scorer.model
         if loading.abandoned:  # given up while the session was being built
             raise BundleError(f"{bundle.path}: given up (over the reload timeout)")
@@ -204,7 +208,10 @@ class ModelManager:
 
     def _swap(self, scorer: Scorer) -> None:
         old = self.scorer
+        scorer.drift.publish()  # its drift series exist before it counts a record
         self.scorer = scorer  # the swap: one reference assignment
+        if old is not None:
+            old.drift.retire()
         self._refused = None
         metrics.describe_model(scorer.manifest, old.manifest if old else None)
         metrics.MODEL_RELOADS.labels("success").inc()

@@ -77,6 +77,32 @@ SINK_WRITTEN = Counter(f"{PREFIX}_sink_records_total", "Scored records written t
 SINK_DROPPED = Counter(
     f"{PREFIX}_sink_dropped_records_total", "Scored records dropped: the sink writer was behind"
 )
+# drift (service/drift.py): every series carries the model's name and version
+FEATURE_VALUES = Counter(
+    f"{PREFIX}_feature_values_total",
+    "Scored records by feature and bucket of the model's drift reference",
+    ["model", "version", "feature", "bucket"],
+)
+FEATURE_EXPECTED = Gauge(
+    f"{PREFIX}_feature_expected_share",
+    "Share of the calibration records in each bucket",
+    ["model", "version", "feature", "bucket"],
+    multiprocess_mode="livemax",
+)
+FEATURE_MISSING = Counter(
+    f"{PREFIX}_feature_missing_total", "Missing values scored", ["model", "version", "feature"]
+)
+SCORE_VALUES = Counter(
+    f"{PREFIX}_score_values_total",
+    "Scored records by bucket (calibration deciles) of the default score",
+    ["model", "version", "bucket"],
+)
+SCORE_EXPECTED = Gauge(
+    f"{PREFIX}_score_expected_share",
+    "Share of the calibration records in each score bucket",
+    ["model", "version", "bucket"],
+    multiprocess_mode="livemax",
+)
 
 _score: Histogram | None = None
 

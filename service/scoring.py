@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from service import metrics
 from service.bundle import Bundle, BundleError, Manifest
+from service.drift import DriftCounter
 from service.features import Encoder, Percentiles
 from service.runtime import check_runs, open_bundle, warm_up_columns
 
@@ -39,13 +40,20 @@ class Scored:
 class Scorer:
     """One bundle and its onnxruntime session (one per worker process)."""
 
-    def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, threads: int = 1) -> None:
+    def __init__(
+        self,
+        bundle: str | os.PathLike[str] | Bundle,
+        *,
+        threads: int = 1,
+        drift_features: str = "auto",
+    ) -> None:
         self.bundle, self.model = open_bundle(bundle, intra_op_threads=threads)
         self.manifest: Manifest = self.bundle.manifest
         self.feature_names = [f.name for f in self.manifest.features]
         self.score_histogram = metrics.score_histogram(self.manifest)
         self.encode = Encoder(self.manifest.features)
         self.percentile = Percentiles(self.manifest)
+        self.drift = DriftCounter(self.manifest, drift_features)  # counts once published
         self.ready = False
 
     @property
@@ -123,6 +131,7 @@ class Scorer:
             metrics.observe_many(self.score_histogram, out[m.default_score].astype(np.float64))
             for name, rows in unknown.items():
                 metrics.UNKNOWN_CATEGORY.labels(name).inc(int(rows.sum()))
+            self.drift.observe(enc.inputs, out[m.default_score])
         return results
 
     def warm_up(self, timeout: float | None = None) -> None:

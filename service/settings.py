@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(
         0.0, ge=0, le=100, description="micro-batching: extra wait for more requests, under load"
     )
+    drift_features: str = Field(
+        "auto",
+        description="features whose drift is tracked: auto (all, at most 64), none, "
+        "or a comma-separated list of names",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

@@ -11,16 +11,19 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pandas as pd
 import pytest
+import yaml
 
 from service.registry import Registry, new_version
 from training.config import TrainConfig
 from training.demo_data import generate_payments
 from training.train import Result, train_bundle
 
+PROM = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 TRAIN_ROWS = 5000
 EPOCHS = 40  # small and quick; early stopping may end sooner
 
@@ -144,3 +147,75 @@ def run_server(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
                 proc.wait()
+
+
+# ---------------------------------------------------------------- a real Prometheus server
+
+
+def tool(name: str) -> str:
+    """A command from the venv (pip-installed tools) or the system (Debian packages)."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    assert found, f"{name} is not installed (.ci/system-deps installs it)"
+    return found
+
+
+def prometheus_query(url: str, expr: str) -> list[dict[str, Any]]:
+    r = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+@pytest.fixture
+def prometheus_on(tmp_path: Path) -> Iterator[Any]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(target: str, rules_text: str | None = None) -> str:
+        """Prometheus scraping ``target`` every second with the shipped rules (or these)."""
+        port = free_port()
+        rules = tmp_path / "rules.yml"
+        rules.write_text(rules_text or (PROM / "rules.yml").read_text())
+        cfg = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(rules)],
+            "scrape_configs": [
+                {"job_name": "vae-anomaly", "static_configs": [{"targets": [target]}]}
+            ],
+        }
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+        log = (tmp_path / "prometheus.log").open("wb")
+        procs.append(
+            subprocess.Popen(
+                [
+                    tool("prometheus"),
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=log,
+                stderr=log,
+            )
+        )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "prometheus did not start"
+            time.sleep(0.2)
+
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait(timeout=20)
+
+
+def wait_for(cond: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)

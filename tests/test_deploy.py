@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +16,13 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import Server, free_port, run_server
+from tests.conftest import Server, prometheus_query, run_server, tool, wait_for
 from tests.test_service import records
 from training.demo_data import generate_payments, make_anomalies
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PROM = DEPLOY / "prometheus"
-
-
-def tool(name: str) -> str:
-    """A command from the venv (pip-installed tools) or the system (Debian packages)."""
-    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    assert found, f"{name} is not installed (.ci/system-deps installs it)"
-    return found
 
 
 def ok(*cmd: str) -> str:
@@ -82,7 +72,8 @@ def test_prometheus_config_and_rules_check() -> None:
 
 
 def test_every_alert_has_a_runbook_and_a_unit_test() -> None:
-    rules = yaml.safe_load((PROM / "rules.yml").read_text())["groups"][0]["rules"]
+    groups = yaml.safe_load((PROM / "rules.yml").read_text())["groups"]
+    rules = [r for g in groups for r in g["rules"]]
     alerts = {r["alert"] for r in rules if "alert" in r}
     assert alerts == {
         "VaeAnomalyRateFarAboveTarget",
@@ -92,6 +83,9 @@ def test_every_alert_has_a_runbook_and_a_unit_test() -> None:
         "VaeAnomalyModelReloadFailed",
         "VaeAnomalyModelLoadStuck",
         "VaeAnomalyNoModelReady",
+        "VaeAnomalyFeatureDrift",
+        "VaeAnomalyScoreDrift",
+        "VaeAnomalyMissingOrUnknownValues",
     }
     assert all(r["annotations"]["runbook"] for r in rules if "alert" in r)
     tests = yaml.safe_load((PROM / "rules_test.yml").read_text())["tests"]
@@ -171,67 +165,6 @@ def test_kubernetes_manifests_validate() -> None:
 # ---------------------------------------------------------------- a real Prometheus, scraping
 
 
-def prometheus_query(url: str, expr: str) -> list[dict[str, Any]]:
-    r = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
-    body = r.json()
-    assert r.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
-    result: list[dict[str, Any]] = body["data"]["result"]
-    return result
-
-
-@pytest.fixture
-def prometheus_on(tmp_path: Path) -> Iterator[Any]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(target: str) -> str:
-        port = free_port()
-        rules = tmp_path / "rules.yml"
-        shutil.copy(PROM / "rules.yml", rules)
-        cfg = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(rules)],
-            "scrape_configs": [
-                {"job_name": "vae-anomaly", "static_configs": [{"targets": [target]}]}
-            ],
-        }
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-        log = (tmp_path / "prometheus.log").open("wb")
-        procs.append(
-            subprocess.Popen(
-                [
-                    tool("prometheus"),
-                    f"--config.file={tmp_path / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={tmp_path / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdout=log,
-                stderr=log,
-            )
-        )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    return url
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "prometheus did not start"
-            time.sleep(0.2)
-
-    yield start
-    for p in procs:
-        p.terminate()
-        p.wait(timeout=20)
-
-
-def wait_for(cond: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.5)
-
-
 def test_prometheus_sees_what_was_sent(
     bundle_dir: Path, tmp_path: Path, prometheus_on: Any
 ) -> None:
@@ -305,7 +238,10 @@ def test_prometheus_sees_what_was_sent(
         )
         # every dashboard query is valid PromQL and finds data
         dash = json.loads((DEPLOY / "grafana" / "dashboards" / "vae-anomaly.json").read_text())
+        variables = {"$__rate_interval": "1m", "$model": ".+", "$instance": ".+", "$feature": ".+"}
         for panel in dash["panels"]:
-            for t in panel["targets"]:
-                expr = t["expr"].replace("$__rate_interval", "1m")
+            for t in panel.get("targets", []):  # rows have none
+                expr = t["expr"]
+                for name, value in variables.items():
+                    expr = expr.replace(name, value)
                 assert prometheus_query(prom, expr), f"{panel['title']}: {expr} found nothing"

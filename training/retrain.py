@@ -49,6 +49,7 @@ import torch
 from onnx import numpy_helper
 
 from service.bundle import Bundle, Manifest, read_bundle, schema_changes
+from service.drift_report import drift_table
 from service.features import encode_columns
 from service.registry import GATE_FILE, Registry, write_json_atomic
 from service.runtime import OnnxModel
@@ -357,6 +358,7 @@ def _gate_and_add(
             rows += auc_rows
         train_n = str(parent.manifest.data.train_rows) if parent else "-"
         rows.append(("training records", train_n, str(new.manifest.data.train_rows)))
+        rows += drift_table(parent.manifest, new_data.normal) if parent else []  # why retrain
         passed = all(c.passed for c in checks)
         promote = (passed or force or parent is None) and (not changes or allow_schema_change)
         record = _gate_record(new, serving, new_data, len(gate), checks, rows, passed)

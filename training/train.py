@@ -43,6 +43,7 @@ from service.bundle import (
     sha256_file,
     write_bundle_atomic,
 )
+from service.drift import build_reference
 from service.features import encode_columns
 from service.registry import new_version
 from service.runtime import OnnxModel
@@ -322,6 +323,7 @@ def train_bundle(
                 max_abs_diff=max_abs,
                 max_rel_diff=max_rel,
             ),
+            reference=build_reference(prep.features, calib_inputs, calib[cfg.default_score]),
         )
         (tmp / MANIFEST_FILE).write_text(manifest_json(manifest), encoding="utf-8")
         report.write(tmp, manifest, hist, calib, anom)
