@@ -79,6 +79,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.lim: Limits = GuardedProtocol.limits
         self.head_timer: asyncio.TimerHandle | None = None
         self.head_bytes = 0
+        self.in_head = False  # between the first byte of a request and its last header
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -94,11 +95,11 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _await_head(self) -> None:
-        self.head_bytes = 0
         self.waiting[self] = None
         self.head_timer = self.loop.call_later(self.lim.header_timeout, self._head_timeout)
 
     def _head_done(self) -> None:
+        self.in_head = False
         self.waiting.pop(self, None)
         if self.head_timer is not None:
             self.head_timer.cancel()
@@ -106,7 +107,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _head_timeout(self) -> None:
         self.head_timer = None
-        self._close(408 if self.head_bytes else None)
+        self._close(408 if self.in_head else None)
 
     def _close(self, status: int | None) -> None:
         """Close the connection, first answering ``status`` (a request head is unfinished)."""
@@ -121,12 +122,17 @@ class GuardedProtocol(HttpToolsProtocol):
             )
         self.transport.close()
 
+    def on_message_begin(self) -> None:
+        # (bytes before this, such as the unread rest of a refused body, are no head)
+        super().on_message_begin()
+        self.in_head, self.head_bytes = True, 0
+
     def data_received(self, data: bytes) -> None:
-        if self.head_timer is not None:
+        if self.in_head:
             self.head_bytes += len(data)
         super().data_received(data)
         # still in the head after this chunk: every byte counted so far was head
-        if self.head_timer is not None and self.head_bytes > self.lim.max_header_bytes:
+        if self.in_head and self.head_bytes > self.lim.max_header_bytes:
             self._close(431)
 
     def on_headers_complete(self) -> None:
