@@ -197,8 +197,15 @@ def cmd_score(a: argparse.Namespace) -> int:
     )
     if s.missing_columns:
         print(f"warning: no column(s) {s.missing_columns}: scored as missing", file=sys.stderr)
-    for col, n in s.unreadable.items():
-        print(f"warning: {n} unreadable value(s) in {col!r} scored as missing", file=sys.stderr)
+    if s.invalid:
+        print(
+            f"warning: {s.invalid} invalid record(s) not scored (see the 'error' column)",
+            file=sys.stderr,
+        )
+    for col, n in s.unusual.items():
+        print(
+            f"warning: {n} unusual value(s) in {col!r} (see the 'unusual' column)", file=sys.stderr
+        )
     return 0
 
 

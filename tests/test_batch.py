@@ -51,7 +51,14 @@ def test_scores_a_file_in_chunks_like_the_model(
     stdout = capsys.readouterr().out
     assert code == 0 and "scored 2500 records" in stdout
     got = read(out)
-    assert list(got.columns) == ["transaction_id", "score", "is_anomaly", "percentile"]
+    assert list(got.columns) == [
+        "transaction_id",
+        "score",
+        "is_anomaly",
+        "percentile",
+        "unusual",
+        "error",
+    ]
     assert got["transaction_id"].tolist() == df["transaction_id"].tolist()
     bundle, model = open_bundle(bundle_dir)
     feats = bundle.manifest.features
@@ -66,9 +73,7 @@ def test_scores_a_file_in_chunks_like_the_model(
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_unreadable_values_are_scored_as_missing_and_reported(
-    bundle_dir: Path, tmp_path: Path
-) -> None:
+def test_unreadable_values_are_reported_not_scored(bundle_dir: Path, tmp_path: Path) -> None:
     df = generate_payments(300, seed=101)
     df["customer_age"] = df["customer_age"].astype(object)
     df.loc[:9, "customer_age"] = "unknown"
@@ -95,11 +100,20 @@ def test_unreadable_values_are_scored_as_missing_and_reported(
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    assert "10 unreadable value(s) in 'customer_age'" in r.stderr
+    assert "10 invalid record(s) not scored" in r.stderr
     assert "['device']" in r.stderr
     got = pd.read_csv(out)
-    assert list(got.columns) == ["transaction_id", "hour", "score", "is_anomaly", "percentile"]
-    assert len(got) == 300 and np.isfinite(got["score"]).all()
+    assert list(got.columns) == [
+        "transaction_id",
+        "hour",
+        "score",
+        "is_anomaly",
+        "percentile",
+        "unusual",
+        "error",
+    ]
+    assert len(got) == 300 and np.isfinite(got["score"][10:]).all()
+    assert got["score"][:10].isna().all() and got["error"][:10].str.startswith("customer_age").all()
 
 
 def test_bad_jobs_fail_cleanly(
