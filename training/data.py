@@ -116,8 +116,7 @@ def column_values(s: pd.Series, name: str, kind: str | None) -> tuple[str, np.nd
         row = min(errors)
         cell = s.iloc[row : row + 1].tolist()[0]  # a Python value, shown as the file has it
         raise DataError(
-            f"column {name!r} is {kind} but holds {cell!r} (row {row}): "
-            f"{errors[row].message}"
+            f"column {name!r} is {kind} but holds {cell!r} (row {row}): {errors[row].message}"
         )
     return kind, values
 
