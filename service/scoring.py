@@ -156,15 +156,16 @@ class Scorer:
 
 
 def top_features(names: list[str], scored: Scored, k: int) -> list[list[dict[str, Any]]]:
-    """The ``k`` features with the largest share of each record's score (zero shares left out)."""
+    """The ``k`` features with the largest share of each record's score (shares that round to
+    zero left out)."""
     n = len(scored.score)
     if k <= 0:
         return [[] for _ in range(n)]
     return [
         [
-            {"name": names[c], "share": round(v, 4)}
+            {"name": names[c], "share": r}
             for c, v in zip(cols, vals, strict=False)
-            if v > 0
+            if (r := round(v, 4)) > 0  # a share that rounds to 0 names nothing
         ]
         for cols, vals in zip(
             scored.order[:, :k].tolist(), scored.shares[:, :k].tolist(), strict=True

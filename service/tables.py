@@ -25,7 +25,8 @@ def column(
     errors: dict[int, Invalid] = {}
     for i, v in enumerate(s.tolist()):
         try:
-            parsed.append(values.parse(kind, None if v is pd.NA else v, max_len))
+            missing = v is None or v is pd.NA or (isinstance(v, float) and v != v)
+            parsed.append(values.parse(kind, None if missing else v, max_len))
         except Invalid as e:
             errors[i] = e
             parsed.append(None)

@@ -8,9 +8,11 @@ unusual: the one set of rules for training, ``/v1/score``, V2 infer and ``vae-an
   is text). Not ``true``/``false``, not ``"100,000.00"`` or ``"$100"``, not NaN or infinity.
 - boolean: ``true``/``false``; the words true/false, t/f, yes/no, y/n, on/off (lower, Title or
   UPPER case); a number (1 and 0 mean true and false; any other number is unusual).
-- categorical: text, or a number (written as its decimal text: ``7`` and ``7.0`` are ``"7"``).
+- categorical: text, or a number (written as its decimal text: ``7`` and ``7.0`` are ``"7"``;
+  the text length limit is for text).
 
-``None``, NaN and (for numbers and booleans) empty text are *missing*, never invalid. What is
+``None`` (a table's empty cell: NaN) and, for numbers and booleans, empty text are *missing*,
+never invalid; a NaN *value* (JSON's non-standard ``NaN``) is not a number. What is
 unusual — a value the model has never seen — is decided for a whole batch at once by
 :class:`Checker` (see :data:`WHY`).
 """
@@ -42,6 +44,7 @@ FALSE_WORDS = frozenset(w for base in _FALSE for w in (base, base.title(), base.
 # JSON Schema validators in Python do, by re.search)
 NUMBER_PATTERN = r"^[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,2})?$"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT_MAX = float(np.finfo(np.float64).max)
 # a categorical column is *stable* when at most this share of the held-out normal records held
 # a value outside its vocabulary; an unseen value there is then unusual enough to flag
 STABLE_UNSEEN_RATE = 0.001
@@ -87,37 +90,39 @@ def _number(v: Any, what: str) -> float | None:
 
 
 def parse(kind: str, v: Any, max_len: int | None = None) -> Any:
-    """The canonical value of ``v`` in a column of ``kind``: a float (numeric, boolean), a str
-    (categorical) or None (missing); raises :class:`Invalid`."""
-    if v is None or (isinstance(v, float) and v != v):
+    """The canonical value of ``v`` in a column of ``kind``: a float (numeric), a bool (boolean;
+    a float for another number), a str (categorical) or None (missing); raises
+    :class:`Invalid`."""
+    if v is None:
         return None
     if kind == "numeric":
         return _number(v, "a number")
     if kind == "boolean":
         if isinstance(v, bool | np.bool_):
-            return 1.0 if v else 0.0
+            return bool(v)
         if isinstance(v, str) and (v in TRUE_WORDS or v in FALSE_WORDS):
-            return 1.0 if v in TRUE_WORDS else 0.0
-        return _number(v, "true or false")
-    text = _category_text(v)
-    if max_len is not None and len(text) > max_len:
-        raise Invalid("too_long", f"longer than {max_len} characters")
-    return text
-
-
-def _category_text(v: Any) -> str:
+            return v in TRUE_WORDS
+        x = _number(v, "true or false")
+        return x if x is None or x not in (0.0, 1.0) else x == 1.0  # 7: kept, found unusual
     if isinstance(v, str):
+        if max_len is not None and len(v) > max_len:
+            raise Invalid("too_long", f"longer than {max_len} characters")
         return v
-    if isinstance(v, bool | np.bool_):  # as training reads a table cell: "True", "False"
-        return str(bool(v))
-    if isinstance(v, int | np.integer):
-        if int(v).bit_length() > 1000:  # str() of a huge int is slow, then refused
-            raise Invalid("too_long", "an integer of over 300 digits")
-        return str(int(v))
-    if isinstance(v, float):  # numpy floats are floats too
+    return _category_number(v)
+
+
+def _category_number(v: Any) -> str:
+    """A number (or boolean) in a categorical column: its text, as training reads a cell."""
+    if isinstance(v, bool | np.bool_):
+        return str(bool(v))  # "True", "False"
+    if isinstance(v, float):  # (numpy floats are floats)
         if not math.isfinite(v):
             raise Invalid("not_finite", "must be a finite number or a string")
         return str(int(v)) if v.is_integer() else str(float(v))
+    if isinstance(v, int | np.integer):
+        if abs(int(v)) > FLOAT_MAX:  # a number at all, as in numeric columns
+            raise Invalid("not_finite", "too large for a number")
+        return str(int(v))
     raise Invalid("wrong_type", f"expected a string, got {type(v).__name__}")
 
 
@@ -172,44 +177,71 @@ class Checker:
         self.cat_names = [f.name for f in cats]
         self.cat_required = np.array([not f.nullable for f in cats])
         self.cat_stable = [f.unseen_rate <= STABLE_UNSEEN_RATE for f in cats]
+        # for the quick tests: column indexes, None when there are none
+        self.required_idx = np.flatnonzero(self.required) if self.required.any() else None
+        self.bool_idx = self.bools if len(self.bools) else None
+        self.cat_required_idx = (
+            np.flatnonzero(self.cat_required) if self.cat_required.any() else None
+        )
 
     def __call__(self, x_num: np.ndarray | None, x_cat: np.ndarray | None) -> Found | None:
-        """The unusual values (None if there are none: the common case, checked in a few array
+        """The unusual values (None if there are none: the common case, answered in a few array
         operations). Boolean entries other than 0/1 are set to NaN in ``x_num`` (the model
         cannot represent them: it sees them as missing)."""
         found: list[tuple[str, str, npt.NDArray[np.bool_]]] = []
-        flags: list[npt.NDArray[np.bool_]] = []
-        if x_num is not None and x_num.shape[1]:
-            missing = np.isnan(x_num) & self.required
-            beyond = (x_num < self.lo) | (x_num > self.hi)
-            if len(self.bools):
-                b = x_num[:, self.bools]
-                beyond[:, self.bools] = (b != 0) & (b != 1) & ~np.isnan(b)
-            if missing.any() or beyond.any():
-                for j, name in enumerate(self.num_names):
-                    for kind, mask in (("missing", missing[:, j]), ("out_of_range", beyond[:, j])):
-                        if mask.any():
-                            is_bool = kind == "out_of_range" and j in self.bools
-                            found.append((name, "not_boolean" if is_bool else kind, mask))
-                            flags.append(mask)
-                if len(self.bools):
-                    b = x_num[:, self.bools]
-                    x_num[:, self.bools] = np.where(beyond[:, self.bools], np.nan, b)
-        if x_cat is not None and x_cat.shape[1]:
-            unseen = x_cat == UNKNOWN_INDEX
-            missing = (x_cat == MISSING_INDEX) & self.cat_required
-            if unseen.any() or missing.any():
-                for j, name in enumerate(self.cat_names):
-                    if unseen[:, j].any():
-                        found.append((name, "unseen_category", unseen[:, j]))
-                        if self.cat_stable[j]:
-                            flags.append(unseen[:, j])
-                    if missing[:, j].any():
-                        found.append((name, "missing", missing[:, j]))
-                        flags.append(missing[:, j])
+        if x_num is not None and x_num.shape[1] and self._numbers_suspect(x_num):
+            found += self._numbers(x_num)
+        if x_cat is not None and x_cat.shape[1] and self._categories_suspect(x_cat):
+            found += self._categories(x_cat)
         if not found:
             return None
+        flags = [
+            rows
+            for name, kind, rows in found
+            if kind != "unseen_category" or self.cat_stable[self.cat_names.index(name)]
+        ]
         return Found(found, np.logical_or.reduce(flags) if flags else None)
+
+    def _numbers_suspect(self, x: np.ndarray) -> bool:
+        """Quick test: might ``x`` hold an unusual value? (NaN compares False.)"""
+        if ((x < self.lo) | (x > self.hi)).any():
+            return True
+        if self.required_idx is not None and np.isnan(x[:, self.required_idx]).any():
+            return True
+        return self.bool_idx is not None and bool((x[:, self.bool_idx] % 1 > 0).any())
+
+    def _categories_suspect(self, x: np.ndarray) -> bool:
+        if (x == UNKNOWN_INDEX).any():
+            return True
+        return self.cat_required_idx is not None and bool(
+            (x[:, self.cat_required_idx] == MISSING_INDEX).any()
+        )
+
+    def _numbers(self, x_num: np.ndarray) -> list[tuple[str, str, npt.NDArray[np.bool_]]]:
+        found = []
+        missing = np.isnan(x_num) & self.required
+        beyond = (x_num < self.lo) | (x_num > self.hi)
+        is_bool = np.zeros(x_num.shape[1], dtype=bool)
+        is_bool[self.bools] = True
+        b = x_num[:, is_bool]
+        beyond[:, is_bool] = (b != 0) & (b != 1) & ~np.isnan(b)
+        for j, name in enumerate(self.num_names):
+            out_kind = "not_boolean" if is_bool[j] else "out_of_range"
+            for kind, mask in (("missing", missing[:, j]), (out_kind, beyond[:, j])):
+                if mask.any():
+                    found.append((name, kind, mask))
+        x_num[:, is_bool] = np.where(beyond[:, is_bool], np.nan, b)
+        return found
+
+    def _categories(self, x_cat: np.ndarray) -> list[tuple[str, str, npt.NDArray[np.bool_]]]:
+        found = []
+        unseen = x_cat == UNKNOWN_INDEX
+        missing = (x_cat == MISSING_INDEX) & self.cat_required
+        for j, name in enumerate(self.cat_names):
+            for kind, mask in (("unseen_category", unseen[:, j]), ("missing", missing[:, j])):
+                if mask.any():
+                    found.append((name, kind, mask))
+        return found
 
 
 def never_normal(scores: np.ndarray, found: Found | None, threshold: float) -> np.ndarray:

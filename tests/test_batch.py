@@ -12,6 +12,7 @@ import pytest
 from service.bundle import read_bundle
 from service.features import encode_columns
 from service.runtime import open_bundle
+from service.values import never_normal
 from tests.conftest import cli_executable
 from training.cli import main
 from training.demo_data import generate_payments, make_anomalies
@@ -62,11 +63,11 @@ def test_scores_a_file_in_chunks_like_the_model(
     assert got["transaction_id"].tolist() == df["transaction_id"].tolist()
     bundle, model = open_bundle(bundle_dir)
     feats = bundle.manifest.features
-    expected = model.run(
-        encode_columns(feats, {f.name: df[f.name].to_numpy() for f in feats}).inputs
-    )["elbo"]
-    np.testing.assert_allclose(got["score"].to_numpy(), expected, rtol=1e-5)
     thr = bundle.manifest.thresholds["elbo"].value
+    enc = encode_columns(feats, {f.name: df[f.name].to_numpy() for f in feats})
+    # the model's scores, with rows holding a value never seen in training raised to the alarm
+    expected = never_normal(model.run(enc.inputs)["elbo"].astype(np.float64), enc.unusual, thr)
+    np.testing.assert_allclose(got["score"].to_numpy(), expected, rtol=1e-5)
     assert (got["is_anomaly"].to_numpy() == (expected > thr)).all()
     assert got["is_anomaly"].iloc[-200:].mean() > 0.8
     assert got["percentile"].between(0, 100).all()
