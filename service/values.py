@@ -42,7 +42,10 @@ TRUE_WORDS = frozenset(w for base in _TRUE for w in (base, base.title(), base.up
 FALSE_WORDS = frozenset(w for base in _FALSE for w in (base, base.title(), base.upper()))
 # a number written as text: what a CSV cell holds; also the OpenAPI schema's pattern (matched as
 # JSON Schema validators in Python do, by re.search)
-NUMBER_PATTERN = r"^[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,2})?$"
+# (empty: missing)
+NUMBER_PATTERN = (
+    r"^(?:[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,2})?)?$"
+)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 FLOAT_MAX = float(np.finfo(np.float64).max)
 # a categorical column is *stable* when at most this share of the held-out normal records held
@@ -71,10 +74,10 @@ class Invalid(ValueError):
 def _number(v: Any, what: str) -> float | None:
     """A JSON number or numeric text as a finite float (None for empty text)."""
     if isinstance(v, str):
-        if not v:
-            return None
         if not re.search(NUMBER_PATTERN, v):
             raise Invalid("wrong_type", f"expected {what}, got the text {v[:40]!r}")
+        if v in ("", "\n"):  # empty ("$" matches before a final newline, as in the schema)
+            return None
         v = float(v)
     elif isinstance(v, bool | np.bool_) or not isinstance(
         v, int | float | np.integer | np.floating
