@@ -82,13 +82,14 @@ def main() -> int:
     )
     for n in (1, 64, 1000):
         body = {"records": [{**r} for r in recs[:n]]}
-        cols, _ = records_to_columns(body, scorer.manifest, settings)
+        parsed = records_to_columns(body, scorer.manifest, settings)
+        cols = parsed.columns
         scored = scorer.score(cols, None, observe=False)
-        res = results_json(scorer, scored, 3)
+        res = results_json(scorer, parsed, scored, 3)
         rep = 300 if n <= 64 else 30
         v = median_ms(lambda b=body: records_to_columns(b, scorer.manifest, settings), rep)
         s = median_ms(lambda c=cols: scorer.score(c, None, observe=False), rep)
-        r = median_ms(lambda sc=scored: results_json(scorer, sc, 3), rep)
+        r = median_ms(lambda sc=scored, p=parsed: results_json(scorer, p, sc, 3), rep)
         oj = median_ms(lambda x=res: orjson.dumps(x), rep)
         js = median_ms(lambda x=res: json.dumps(x), rep)
         print(f"{n:>7} | {v:8.3f} | {s:8.3f} | {r:8.3f} | {oj:8.3f} | {js:8.3f}")

@@ -371,16 +371,16 @@ def kinds(recs: list[dict[str, Any]], features: list[dict[str, Any]]) -> list[Ki
             "v1 wrong type",
             "invalid",
             "POST",
-            v1(lambda r: setf(r, 0, "amount", "12.5")),
+            v1(lambda r: setf(r, 0, "amount", "12,5")),  # (text "12.5" is a number)
             422,
             2,
             "wrong_type",
         ),
         Kind(
-            "v1 bool as number",
+            "v1 text for boolean",
             "invalid",
             "POST",
-            v1(lambda r: setf(r, 0, "card_present", "yes")),
+            v1(lambda r: setf(r, 0, "card_present", "perhaps")),  # ("yes" is true)
             422,
             1,
             "wrong_type",
@@ -413,13 +413,13 @@ def kinds(recs: list[dict[str, Any]], features: list[dict[str, Any]]) -> list[Ki
             "missing",
         ),
         Kind(
-            "v1 null required",
+            "v1 object for number",  # (a null is scored and named unusual)
             "invalid",
             "POST",
-            v1(lambda r: setf(r, 0, "hour", None)),
+            v1(lambda r: setf(r, 0, "hour", {"h": 3})),
             422,
             1,
-            "missing",
+            "wrong_type",
         ),
         Kind(
             "v1 not finite",

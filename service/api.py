@@ -4,11 +4,13 @@ Spark job.
     from service.api import Model
 
     model = Model.load("models/payments")     # a bundle, or a registry (its serving version)
-    out = model.score(df, explain=3)          # DataFrame in, DataFrame out (score columns)
+    out = model.score(df, explain=3)          # DataFrame in, DataFrame of results out
     results = model.score_records([{...}])    # dicts in, the HTTP API's result objects out
 
-``score`` takes a pandas DataFrame or a pyarrow Table and reads its columns by the same rules
-as ``vae-anomaly score``; ``score_records`` takes JSON-like dicts and validates them exactly as
+``score`` takes a pandas DataFrame or a pyarrow Table and reads its cells by the rules every
+entry point shares (service/values.py): a value the model never saw is scored and named in
+``unusual``; a cell that cannot be a value of its column leaves its row unscored, saying why in
+``error``. ``score_records`` takes JSON-like dicts and validates them exactly as
 ``POST /v1/score`` does (the same messages: :class:`service.errors.InvalidRecords`).
 Needs the ``serve`` extra, plus pandas for ``score`` (the ``batch`` extra); never torch.
 """
@@ -16,20 +18,23 @@ Needs the ``serve`` extra, plus pandas for ``score`` (the ``batch`` extra); neve
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from service import tables
+from service import tables, values
 from service.bundle import Bundle, Manifest, read_bundle
 from service.registry import Registry
 from service.scoring import Scored, Scorer, top_features
 from service.settings import Settings, load_settings
 
-SCORE_COLUMNS = ("score", "is_anomaly", "percentile")
+OUTPUTS = ("score", "is_anomaly", "percentile", "unusual", "error")  # the result columns
+
+
+class SchemaError(ValueError):
+    """A table that lacks a column the model needs."""
 
 
 def resolve(path: str | os.PathLike[str]) -> Bundle:
@@ -40,50 +45,6 @@ def resolve(path: str | os.PathLike[str]) -> Bundle:
     return read_bundle(p)
 
 
-@dataclass
-class FrameColumns:
-    """A DataFrame's feature columns as the model's values, and what could not be read."""
-
-    columns: dict[str, Any]
-    unreadable: dict[str, int] = field(default_factory=dict)  # column -> values scored missing
-    absent: list[str] = field(default_factory=list)  # nullable features the frame lacks
-
-
-class SchemaError(ValueError):
-    """A table that lacks a column the model needs."""
-
-
-def check_schema(m: Manifest, column_names: list[str]) -> list[str]:
-    """The nullable features a table lacks (scored as missing); raise SchemaError naming the
-    required ones it lacks."""
-    absent = [f.name for f in m.features if f.name not in column_names]
-    required = [f.name for f in m.features if f.name in absent and not f.nullable]
-    if required:
-        raise SchemaError(f"no column(s) {required}, which the model needs")
-    return absent
-
-
-def frame_columns(m: Manifest, frame: pd.DataFrame) -> FrameColumns:
-    """Feature values of ``frame`` by the bulk rules (see :mod:`service.tables`)."""
-    out = FrameColumns(columns={}, absent=check_schema(m, list(map(str, frame.columns))))
-    for f in m.features:
-        if f.name in out.absent:
-            categorical = f.kind == "categorical"
-            out.columns[f.name] = np.full(
-                len(frame), None if categorical else np.nan, dtype=object if categorical else float
-            )
-            continue
-        s = frame[f.name]
-        if f.kind == "categorical":
-            out.columns[f.name] = tables.to_category(s)
-            continue
-        values, bad = tables.to_bool(s) if f.kind == "boolean" else tables.to_float(s)
-        if bad.any():
-            out.unreadable[f.name] = int(bad.sum())
-        out.columns[f.name] = values
-    return out
-
-
 def score_type_of(m: Manifest, score_type: str | None) -> str:
     """``score_type``, or the model's default; ValueError if the model has no such score."""
     st = score_type or m.default_score
@@ -92,8 +53,52 @@ def score_type_of(m: Manifest, score_type: str | None) -> str:
     return st
 
 
+def check_schema(m: Manifest, column_names: list[str]) -> None:
+    """Raise SchemaError naming the required features a table lacks (a nullable one that is
+    absent is scored as missing)."""
+    required = [f.name for f in m.features if f.name not in column_names and not f.nullable]
+    if required:
+        raise SchemaError(f"no column(s) {required}, which the model needs")
+
+
+def frame_columns(m: Manifest, frame: pd.DataFrame, errors: dict[int, str]) -> dict[str, Any]:
+    """Each feature's values by the service's rules; an absent column is missing; each invalid
+    cell is added to ``errors`` (row position -> why)."""
+    columns: dict[str, Any] = {}
+    for f in m.features:
+        if f.name not in frame.columns:
+            categorical = f.kind == "categorical"
+            columns[f.name] = np.full(
+                len(frame), None if categorical else np.nan, dtype=object if categorical else float
+            )
+            continue
+        columns[f.name], bad = tables.column(f.kind, frame[f.name])
+        for i, e in bad.items():
+            errors[i] = (errors[i] + "; " if i in errors else "") + f"{f.name}: {e.message}"
+    return columns
+
+
+def _unusual_text(m: Manifest, scored: Scored, columns: dict[str, Any]) -> list[str | None]:
+    """Per row: the unusual values as ``field=value (why)``, joined by "; " (None: none)."""
+    out: list[str | None] = [None] * len(scored.score)
+    feats = {f.name: f for f in m.features}
+    for name, kind, rows in scored.unusual:
+        why = values.why(feats[name], kind)
+        for i in rows.nonzero()[0].tolist():
+            text = f"{name}={_show(columns[name][i])} ({why})"
+            out[i] = text if out[i] is None else f"{out[i]}; {text}"
+    return out
+
+
+def _show(v: Any) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "null"
+    return repr(v) if isinstance(v, str) else f"{float(v):g}"
+
+
 class Model:
-    """One bundle, loaded once: an onnxruntime session and the manifest's tables."""
+    """One bundle, loaded once: the service's scorer (onnxruntime session, thresholds,
+    percentiles), without its metrics."""
 
     def __init__(self, bundle: Bundle, *, threads: int = 1) -> None:
         self.scorer = Scorer(bundle, threads=threads)
@@ -113,34 +118,51 @@ class Model:
     def version(self) -> str:
         return self.manifest.version
 
-    def score_type(self, score_type: str | None) -> str:
-        return score_type_of(self.manifest, score_type)
-
     def score(self, table: Any, *, score_type: str | None = None, explain: int = 0) -> pd.DataFrame:
-        """``score``, ``is_anomaly``, ``percentile`` (and ``top_features`` when ``explain``)
-        for each row of a DataFrame or Arrow table, on the table's index."""
+        """One row of results per row of a DataFrame or Arrow table, on the table's index:
+        ``score``, ``is_anomaly``, ``percentile``, ``unusual`` and ``error`` (why a row could
+        not be scored; its other columns are then empty), and ``top_features`` when
+        ``explain`` > 0."""
         frame = table.to_pandas() if hasattr(table, "to_pandas") else table
-        if len(frame) == 0:  # an empty partition, say: onnxruntime wants at least one row
-            check_schema(self.manifest, list(map(str, frame.columns)))
-            empty = {"score": float, "is_anomaly": bool, "percentile": float}
-            return pd.DataFrame(
-                {k: pd.Series(dtype=t) for k, t in empty.items()}, index=frame.index
-            )
-        cols = frame_columns(self.manifest, frame)
-        scored = self.scorer.score(cols.columns, self.score_type(score_type), observe=False)
-        return self.result_frame(scored, frame.index, explain)
+        st = score_type_of(self.manifest, score_type)
+        return self.score_frame(frame, {}, st, explain)[0]
 
-    def result_frame(self, scored: Scored, index: pd.Index, explain: int) -> pd.DataFrame:
-        out = pd.DataFrame(index=index)
-        out["score"] = scored.score
-        out["is_anomaly"] = scored.is_anomaly
-        out["percentile"] = np.round(scored.percentile, 3)
+    def score_frame(
+        self, frame: pd.DataFrame, bad: dict[int, str], score_type: str, explain: int = 0
+    ) -> tuple[pd.DataFrame, dict[str, int]]:
+        """:meth:`score` with rows already known bad (row position -> why: a JSON line that is
+        no record, say); also returns the count of unusual values per column."""
+        check_schema(self.manifest, list(map(str, frame.columns)))
+        n = len(frame)
+        errors = dict(bad)
+        columns = frame_columns(self.manifest, frame, errors)
+        ok = np.ones(n, dtype=bool)
+        ok[list(errors)] = False
+        score, pct = np.full(n, np.nan), np.full(n, np.nan)
+        flagged = pd.array([pd.NA] * n, dtype="boolean")  # not scored: no verdict
+        unusual: list[str | None] = [None] * n
+        tops: list[str | None] = [None] * n
+        counts: dict[str, int] = {}
+        if ok.any():
+            valid = {k: v[ok] for k, v in columns.items()}
+            scored = self.scorer.score(valid, score_type, observe=False)
+            rows = np.flatnonzero(ok).tolist()
+            score[ok], pct[ok] = scored.score, np.round(scored.percentile, 3)
+            flagged[ok] = scored.is_anomaly
+            for i, text in zip(rows, _unusual_text(self.manifest, scored, valid), strict=True):
+                unusual[i] = text
+            counts = {name: int(r.sum()) for name, _, r in scored.unusual}
+            if explain > 0:
+                named = top_features(self.scorer.feature_names, scored, explain)
+                for i, top in zip(rows, named, strict=True):
+                    tops[i] = ", ".join(f"{t['name']}:{t['share']:g}" for t in top)
+        out = pd.DataFrame({"score": score, "is_anomaly": flagged, "percentile": pct})
+        out["unusual"] = pd.array(unusual, dtype=object)
+        out["error"] = pd.array([errors.get(i) for i in range(n)], dtype=object)
         if explain > 0:
-            tops = top_features(self.scorer.feature_names, scored, explain)
-            out["top_features"] = [
-                ", ".join(f"{t['name']}:{t['share']:g}" for t in top) for top in tops
-            ]
-        return out
+            out["top_features"] = pd.array(tops, dtype=object)
+        out.index = frame.index
+        return out, counts
 
     def score_records(
         self,
@@ -155,7 +177,10 @@ class Model:
         from service.native import records_to_columns, results_json
 
         s = settings or load_settings(max_records=max(1, len(records)))
-        columns, _ = records_to_columns({"records": records}, self.manifest, s)
-        scored = self.scorer.score(columns, self.score_type(score_type), observe=False)
-        results: list[dict[str, Any]] = results_json(self.scorer, scored, explain)["results"]
+        st = score_type_of(self.manifest, score_type)
+        parsed = records_to_columns({"records": records}, self.manifest, s)
+        scored = self.scorer.score(parsed.columns, st, observe=False)
+        results: list[dict[str, Any]] = results_json(self.scorer, parsed, scored, explain, st)[
+            "results"
+        ]
         return results

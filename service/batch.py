@@ -1,14 +1,17 @@
 """Bulk scoring of a file, offline: ``vae-anomaly score BUNDLE_OR_REGISTRY DATA --out FILE``.
 
 Reads CSV, Parquet or JSON Lines in chunks and writes, chunk by chunk, the id columns plus
-``score``, ``is_anomaly`` and ``percentile`` — so memory stays flat whatever the file's size.
-The output goes to a temporary file renamed into place at the end. A value that cannot be read
-(text in a numeric column, say) is scored as missing and counted in the summary.
-Needs pandas and pyarrow (the ``batch`` extra, part of ``train``).
+``score``, ``is_anomaly``, ``percentile``, ``unusual`` and ``error`` — so memory stays flat
+whatever the file's size. The output goes to a temporary file renamed into place at the end.
+Values are read by the service's rules (service/values.py): a value the model never saw is
+scored and named in ``unusual``; a row holding a value that cannot be one of its column's
+(text in a numeric column, a JSON line that is not an object) is not scored and says why in
+``error``. Needs pandas and pyarrow (the ``batch`` extra, part of ``train``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -17,16 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from service import tables
-from service.bundle import Bundle, read_bundle
-from service.features import Encoder, Percentiles
-from service.registry import Registry
-from service.runtime import OnnxModel
+from service.api import OUTPUTS, Model
+from service.bundle import Bundle, Manifest
 
 FORMATS = {
     ".csv": "csv",
@@ -41,14 +41,6 @@ class BatchError(ValueError):
     """A bulk scoring job that cannot run, with the reason."""
 
 
-def resolve(path: str | os.PathLike[str]) -> Bundle:
-    """A bundle directory, or a registry (its serving version)."""
-    p = Path(path)
-    if (p / "versions").is_dir():
-        return Registry(p).read_serving()
-    return read_bundle(p)
-
-
 def _format(path: Path) -> str:
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
@@ -56,17 +48,63 @@ def _format(path: Path) -> str:
     return kind
 
 
-def read_chunks(path: Path, size: int) -> Iterator[pd.DataFrame]:
+OUTPUT_TYPES = {
+    "score": pa.float64(),
+    "is_anomaly": pa.bool_(),
+    "percentile": pa.float64(),
+    "unusual": pa.string(),
+    "error": pa.string(),
+}
+
+
+def read_chunks(path: Path, size: int) -> Iterator[tuple[pd.DataFrame, dict[int, str]]]:
+    """Chunks of records, each with the rows that are no record at all (row -> why)."""
     kind = _format(path)
     if not path.is_file():
         raise BatchError(f"{path}: no such file")
     if kind == "csv":
-        yield from pd.read_csv(path, chunksize=size)
+        for chunk in pd.read_csv(path, chunksize=size):
+            yield chunk, {}
     elif kind == "jsonl":
-        yield from pd.read_json(path, lines=True, chunksize=size)
+        yield from _jsonl_chunks(path, size)
     else:
         for rb in pq.ParquetFile(path).iter_batches(batch_size=size):
-            yield rb.to_pandas()
+            yield rb.to_pandas(), {}
+
+
+def _jsonl_record(line: bytes) -> tuple[dict[str, Any], str | None]:
+    try:
+        rec = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        try:
+            rec = json.loads(line)  # NaN, Infinity, integers beyond 64 bits
+        except (ValueError, RecursionError):
+            return {}, "not valid JSON"
+    if not isinstance(rec, dict):
+        return {}, f"not a JSON object (a JSON {type(rec).__name__})"
+    return rec, None
+
+
+def _jsonl_chunks(path: Path, size: int) -> Iterator[tuple[pd.DataFrame, dict[int, str]]]:
+    rows: list[dict[str, Any]] = []
+    bad: dict[int, str] = {}
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            rec, why = _jsonl_record(line)
+            if why:
+                bad[len(rows)] = f"line {number}: {why}"
+            rows.append(rec)
+            if len(rows) == size:
+                yield _frame(rows), bad
+                rows, bad = [], {}
+    if rows:
+        yield _frame(rows), bad
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, index=pd.RangeIndex(len(rows)))  # a row even for {}
 
 
 class Writer:
@@ -78,6 +116,7 @@ class Writer:
         self.tmp = Path(tmp)
         self.first = True
         self.parquet: pq.ParquetWriter | None = None
+        self.schema: pa.Schema | None = None
 
     def write(self, df: pd.DataFrame) -> None:
         if self.kind == "csv":
@@ -86,11 +125,26 @@ class Writer:
             with self.tmp.open("w" if self.first else "a") as f:
                 df.to_json(f, orient="records", lines=True)
         else:
-            table = pa.Table.from_pandas(df, preserve_index=False)
-            if self.parquet is None:
-                self.parquet = pq.ParquetWriter(self.tmp, table.schema)
-            self.parquet.write_table(table)
+            self._write_parquet(df)
         self.first = False
+
+    def _write_parquet(self, df: pd.DataFrame) -> None:
+        """Every chunk in the first chunk's schema (the outputs' types fixed, ids' as first
+        seen), or a clear error when an id column's values no longer fit it."""
+        if self.parquet is None:
+            schema = pa.Table.from_pandas(df, preserve_index=False).schema
+            for name, typ in OUTPUT_TYPES.items():
+                schema = schema.set(schema.get_field_index(name), pa.field(name, typ))
+            self.parquet, self.schema = pq.ParquetWriter(self.tmp, schema), schema
+        schema = self.schema
+        try:
+            table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
+            raise BatchError(
+                f"an id column changes type between chunks ({e}); the Parquet output needs one "
+                "type per column: write CSV or JSON Lines, or choose other --id-column(s)"
+            ) from None
+        self.parquet.write_table(table)
 
     def commit(self) -> None:
         if self.parquet is not None:
@@ -109,13 +163,43 @@ class Writer:
 class Summary:
     rows: int = 0
     anomalies: int = 0
+    invalid: int = 0  # rows not scored (see their ``error``)
     seconds: float = 0.0
-    unreadable: dict[str, int] = field(default_factory=dict)  # column -> values scored missing
+    unusual: dict[str, int] = field(default_factory=dict)  # column -> unusual values
     missing_columns: list[str] = field(default_factory=list)
 
     @property
     def rows_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds else 0.0
+
+
+def _id_columns(chunk: pd.DataFrame, m: Manifest, ids: list[str] | None, data: Path) -> list[str]:
+    """The id columns to copy (checked on the first chunk), the required feature columns there."""
+    absent = [f.name for f in m.features if f.name not in chunk.columns and not f.nullable]
+    if absent:
+        raise BatchError(f"{data}: no column(s) {absent}, which the model needs")
+    id_cols = ids if ids is not None else [c for c in m.ignored_columns if c in chunk.columns]
+    unknown_ids = [c for c in id_cols if c not in chunk.columns]
+    if unknown_ids:
+        raise BatchError(f"{data}: no id column(s) {unknown_ids}")
+    clash = [c for c in id_cols if c in OUTPUTS]
+    if clash:
+        raise BatchError(
+            f"id column(s) {clash} would be overwritten by the output column(s) of the same "
+            f"name {list(OUTPUTS)}; choose the id columns with --id-column"
+        )
+    return id_cols
+
+
+def _integer_ids(df: pd.DataFrame) -> pd.DataFrame:
+    """Integer ids that pandas read as floats (a chunk with an empty id) stay integers."""
+    for c in df.columns:
+        col = df[c]
+        if pd.api.types.is_float_dtype(col.dtype):
+            present = col.dropna()
+            if len(present) and (present == present.round()).all() and present.abs().max() < 2**53:
+                df[c] = col.astype("Int64")
+    return df
 
 
 def score_file(
@@ -136,9 +220,7 @@ def score_file(
         raise BatchError(f"score type {st!r} is not one of {m.score_types}")
     if out.resolve() == data.resolve():
         raise BatchError("--out must not be the input file")
-    encode, percentile = Encoder(m.features), Percentiles(m)
-    model = OnnxModel(bundle.model_path, intra_op_threads=threads or (os.cpu_count() or 1))
-    thr = m.thresholds[st].value
+    model = Model(bundle, threads=threads or (os.cpu_count() or 1))
     summary = Summary()
     id_cols: list[str] = []
     writer = Writer(out)
@@ -149,47 +231,20 @@ def score_file(
         bar = tqdm(desc="scoring", unit=" rows", unit_scale=True, dynamic_ncols=True)
     start = time.perf_counter()
     try:
-        for chunk in read_chunks(data, chunk_size):
+        for chunk, bad in read_chunks(data, chunk_size):
             if summary.rows == 0:
-                absent = [f.name for f in m.features if f.name not in chunk.columns]
-                required = [
-                    n for n in absent if not next(f for f in m.features if f.name == n).nullable
-                ]
-                if required:
-                    raise BatchError(f"{data}: no column(s) {required}, which the model needs")
-                summary.missing_columns = absent
-                id_cols = (
-                    ids if ids is not None else [c for c in m.ignored_columns if c in chunk.columns]
-                )
-                unknown_ids = [c for c in id_cols if c not in chunk.columns]
-                if unknown_ids:
-                    raise BatchError(f"{data}: no id column(s) {unknown_ids}")
-            columns: dict[str, Any] = {}
-            for f in m.features:
-                if f.name not in chunk.columns:
-                    columns[f.name] = np.full(
-                        len(chunk),
-                        None if f.kind == "categorical" else np.nan,
-                        dtype=object if f.kind == "categorical" else float,
-                    )
-                    continue
-                s = chunk[f.name]
-                if f.kind == "categorical":
-                    columns[f.name] = tables.to_category(s)
-                    continue
-                values, bad = tables.to_bool(s) if f.kind == "boolean" else tables.to_float(s)
-                if bad.any():
-                    summary.unreadable[f.name] = summary.unreadable.get(f.name, 0) + int(bad.sum())
-                columns[f.name] = values
-            outputs = model.run(encode(columns).inputs)
-            scores = outputs[st].astype(np.float64)
-            result = chunk[id_cols].copy() if id_cols else pd.DataFrame(index=chunk.index)
-            result["score"] = scores
-            result["is_anomaly"] = scores > thr
-            result["percentile"] = np.round(percentile(st, scores), 3)
+                id_cols = _id_columns(chunk, m, ids, data)
+                summary.missing_columns = [f.name for f in m.features if f.name not in chunk]
+            chunk = chunk.reset_index(drop=True)
+            scored, unusual = model.score_frame(chunk, bad, st)
+            # a JSON Lines chunk may lack an id column (its records left it out): empty ids there
+            result = pd.concat([_integer_ids(chunk.reindex(columns=id_cols)), scored], axis=1)
             writer.write(result)
+            for name, count in unusual.items():
+                summary.unusual[name] = summary.unusual.get(name, 0) + count
             summary.rows += len(chunk)
             summary.anomalies += int(result["is_anomaly"].sum())
+            summary.invalid += int(result["error"].notna().sum())
             if bar is not None:
                 bar.update(len(chunk))
         if summary.rows == 0:

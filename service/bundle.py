@@ -103,6 +103,12 @@ class CategoricalFeature(_Strict):
     column: int = Field(ge=0, description="column of x_cat")
     nullable: bool
     categories: list[str] = Field(min_length=3)
+    unseen_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of held-out normal records whose value is not in the vocabulary",
+    )
 
     @model_validator(mode="after")
     def _reserved(self) -> CategoricalFeature:

@@ -268,7 +268,8 @@ def refuse_if_it_fails_to_run(reg: Registry, version: str) -> None:
 
 
 def cmd_score(a: argparse.Namespace) -> int:
-    from service.batch import BatchError, resolve, score_file
+    from service.api import resolve
+    from service.batch import BatchError, score_file
     from service.registry import RegistryError
 
     if a.engine == "spark":
@@ -296,8 +297,15 @@ def cmd_score(a: argparse.Namespace) -> int:
     )
     if s.missing_columns:
         print(f"warning: no column(s) {s.missing_columns}: scored as missing", file=sys.stderr)
-    for col, n in s.unreadable.items():
-        print(f"warning: {n} unreadable value(s) in {col!r} scored as missing", file=sys.stderr)
+    if s.invalid:
+        print(
+            f"warning: {s.invalid} invalid record(s) not scored (see the 'error' column)",
+            file=sys.stderr,
+        )
+    for col, n in s.unusual.items():
+        print(
+            f"warning: {n} unusual value(s) in {col!r} (see the 'unusual' column)", file=sys.stderr
+        )
     return 0
 
 
@@ -326,7 +334,8 @@ def cmd_score_spark(a: argparse.Namespace) -> int:
 def cmd_drift(a: argparse.Namespace) -> int:
     import json
 
-    from service.batch import BatchError, resolve
+    from service.api import resolve
+    from service.batch import BatchError
     from service.drift_report import DRIFTED, drift_file, verdict, write_html
     from service.registry import RegistryError
 

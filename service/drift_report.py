@@ -75,11 +75,8 @@ def chunk_columns(manifest: Manifest, chunk: pd.DataFrame) -> dict[str, Any]:
     for f in manifest.features:
         if f.name not in chunk.columns:
             columns[f.name] = [None] * len(chunk)
-        elif f.kind == "categorical":
-            columns[f.name] = tables.to_category(chunk[f.name])
         else:
-            parse = tables.to_bool if f.kind == "boolean" else tables.to_float
-            columns[f.name] = parse(chunk[f.name])[0]
+            columns[f.name] = tables.column(f.kind, chunk[f.name])[0]
     return columns
 
 
@@ -161,7 +158,7 @@ def drift_file(
     """The drift of every record of ``data`` (CSV, Parquet, JSON Lines) against ``bundle``."""
     acc = Accumulator(bundle.manifest)
     model = OnnxModel(bundle.model_path, intra_op_threads=threads or (os.cpu_count() or 1))
-    for chunk in read_chunks(data, chunk_size):
+    for chunk, _ in read_chunks(data, chunk_size):  # (lines that are no record are left out)
         inputs = acc.add(chunk_columns(bundle.manifest, chunk))
         acc.add_scores(np.asarray(model.run(inputs)[bundle.manifest.default_score], np.float64))
     if acc.records == 0:

@@ -23,6 +23,7 @@ from service.bundle import (
     NumericFeature,
     input_of,
 )
+from service.values import FLOAT32_MAX, Checker, Found
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Encoded:
     n_rows: int
     # feature name -> boolean mask of rows whose category was never seen in training
     unknown: dict[str, npt.NDArray[np.bool_]] = field(default_factory=dict)
+    unusual: Found | None = None  # values the model never saw (see service/values.py)
 
 
 def _as_float(values: Sequence[Any] | np.ndarray) -> npt.NDArray[np.float32]:
@@ -55,9 +57,14 @@ class Encoder:
             for f in self.features
             if isinstance(f, CategoricalFeature)
         }
+        self.check = Checker(self.features)
 
     def __call__(self, columns: Mapping[str, Sequence[Any] | np.ndarray]) -> Encoded:
         """Encode ``columns`` (feature name -> values, all of one length) for the ONNX model."""
+        with np.errstate(over="ignore"):  # a number beyond float32 is inf, then found unusual
+            return self._encode(columns)
+
+    def _encode(self, columns: Mapping[str, Sequence[Any] | np.ndarray]) -> Encoded:
         n = len(next(iter(columns.values()))) if columns else 0
         x_num = np.full((n, self.n_num), np.nan, dtype=np.float32)
         x_cat = np.full((n, self.n_cat), MISSING_INDEX, dtype=np.int64)
@@ -82,12 +89,15 @@ class Encoder:
             unk = codes == UNKNOWN_INDEX
             if unk.any():
                 unknown[f.name] = unk
+        unusual = self.check(x_num, x_cat)
+        if unusual is not None and self.n_num:
+            np.clip(x_num, -FLOAT32_MAX, FLOAT32_MAX, out=x_num)
         inputs: dict[str, np.ndarray] = {}
         if self.n_num:
             inputs["x_num"] = x_num
         if self.n_cat:
             inputs["x_cat"] = x_cat
-        return Encoded(inputs=inputs, n_rows=n, unknown=unknown)
+        return Encoded(inputs=inputs, n_rows=n, unknown=unknown, unusual=unusual)
 
 
 def encode_columns(

@@ -48,6 +48,11 @@ INVALID_RECORDS = Counter(
 UNKNOWN_CATEGORY = Counter(
     f"{PREFIX}_unknown_category_total", "Category values never seen in training", ["feature"]
 )
+UNUSUAL_VALUES = Counter(
+    f"{PREFIX}_unusual_values_total",
+    "Values the model never saw in training (scored and named), by feature and kind",
+    ["feature", "kind"],
+)
 MODEL_INFO = Gauge(
     f"{PREFIX}_model_info",
     "The model being served (1)",

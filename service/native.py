@@ -6,12 +6,14 @@ import itertools
 import math
 import operator
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from service import metrics
+from service import metrics, values
 from service.auth import check_api_key, require_api_key
 from service.bundle import (
     MISSING_TOKEN,
@@ -30,6 +32,7 @@ from service.scoring import Scored, Scorer, top_features
 from service.settings import Settings
 
 MAX_LISTED_ERRORS = 100
+MAX_RECORD_ERRORS = 10  # errors kept per skipped record (on_invalid=skip)
 MAX_EXPLAIN = 1000
 INTEGER = re.compile(r"-?[0-9]{1,9}\Z")
 FLOAT_MAX = 1.7976931348623157e308
@@ -49,36 +52,14 @@ def _check(
     f: NumericFeature | BooleanFeature | CategoricalFeature, v: Any, max_len: int
 ) -> tuple[Any, str | None, str]:
     """(value for the model, error reason or None, error message)."""
-    if v is MISSING or v is None:
+    if v is MISSING:
         if f.nullable:
             return None, None, ""
-        what = "is required" if v is MISSING else "must not be null"
-        return None, "missing", f"{what} (this feature was never missing in training)"
-    if isinstance(f, NumericFeature):
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            return None, "wrong_type", f"expected a number, got {type(v).__name__}"
-        try:
-            fv = float(v)
-        except OverflowError:
-            return None, "not_finite", "too large for a number"
-        if not math.isfinite(fv):
-            return None, "not_finite", "must be a finite number"
-        return fv, None, ""
-    if isinstance(f, BooleanFeature):
-        if isinstance(v, bool):
-            return v, None, ""
-        if isinstance(v, int | float) and v in (0, 1):  # 1.0 is the number 1 in JSON
-            return bool(v), None, ""
-        return None, "wrong_type", f"expected true or false, got {type(v).__name__}"
-    if isinstance(v, str):
-        if len(v) > max_len:
-            return None, "too_long", f"longer than {max_len} characters"
-        return v, None, ""
-    if isinstance(v, int) and not isinstance(v, bool):
-        return str(v), None, ""
-    if isinstance(v, float) and v.is_integer():  # 7.0 is the integer 7 in JSON
-        return str(int(v)), None, ""
-    return None, "wrong_type", f"expected a string, got {type(v).__name__}"
+        return None, "missing", "is required (never missing in training; null is accepted)"
+    try:
+        return values.parse(f.kind, v, max_len), None, ""
+    except values.Invalid as e:
+        return None, e.reason, e.message
 
 
 class _Plan:
@@ -152,97 +133,94 @@ def _fast_columns(records: list[Any], m: Manifest, s: Settings) -> dict[str, lis
     return dict(zip(names, map(list, zip(*rows, strict=True)), strict=True))
 
 
-def records_to_columns(body: Any, m: Manifest, s: Settings) -> tuple[dict[str, list[Any]], int]:
-    """Validate ``{"records": [...]}``; return feature name -> values, or raise InvalidRecords."""
+@dataclass
+class Parsed:
+    """A request's records: the valid ones as columns, the invalid ones' errors (skip mode)."""
+
+    columns: dict[str, list[Any]]
+    n: int  # valid records, in ``columns``
+    total: int  # records in the request
+    invalid: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # index -> errors
+
+
+def _batch_error(body: Any, s: Settings) -> InvalidRecords | None:
+    """What is wrong with the request as a whole (not with one record), if anything."""
     if not isinstance(body, dict) or not isinstance(body.get("records"), list):
-        raise InvalidRecords(
+        return InvalidRecords(
             'the body must be a JSON object {"records": [...]}',
-            [
-                {
-                    "record": None,
-                    "field": "records",
-                    "reason": "wrong_type",
-                    "message": "expected a list of records",
-                }
-            ],
+            [_error(None, "records", "wrong_type", "expected a list of records")],
         )
-    records = body["records"]
-    n = len(records)
     if len(body) > 1:
         extra = list(itertools.islice((k for k in body if k != "records"), MAX_LISTED_ERRORS))
-        raise InvalidRecords(
+        return InvalidRecords(
             f"{len(body) - 1} unknown top-level field(s), such as {extra[:5]}",
-            [
-                {"record": None, "field": k, "reason": "unknown_field", "message": "unknown field"}
-                for k in extra
-            ],
+            [_error(None, k, "unknown_field", "unknown field") for k in extra],
         )
+    n = len(body["records"])
     if n == 0 or n > s.max_records:
         size = "empty_batch" if n == 0 else "batch_too_large"
         metrics.INVALID_RECORDS.labels(size).inc()
-        raise InvalidRecords(
+        return InvalidRecords(
             f"a request holds 1 to {s.max_records} records, this one {n}",
-            [
-                {
-                    "record": None,
-                    "field": "records",
-                    "reason": size,
-                    "message": f"{n} records; 1 to {s.max_records} allowed",
-                }
-            ],
+            [_error(None, "records", size, f"{n} records; 1 to {s.max_records} allowed")],
         )
+    return None
+
+
+def _error(record: int | None, field: str | None, reason: str, message: str) -> dict[str, Any]:
+    return {"record": record, "field": field, "reason": reason, "message": message}
+
+
+def _record_errors(rec: Any, i: int, m: Manifest, s: Settings, row: list[Any]) -> list[Any]:
+    """Check one record, filling ``row`` (one value per feature); return its errors."""
+    if not isinstance(rec, dict):
+        return [_error(i, None, "not_an_object", f"expected an object, got {type(rec).__name__}")]
+    errors = []
+    if s.unknown_fields == "reject":
+        known = _plan(m).known
+        unknown = itertools.islice((k for k in rec if k not in known), MAX_LISTED_ERRORS)
+        errors += [
+            _error(i, str(k), "unknown_field", "the model has no such feature") for k in unknown
+        ]
+    for j, f in enumerate(m.features):
+        row[j], reason, msg = _check(f, rec.get(f.name, MISSING), s.max_string_length)
+        if reason:
+            errors.append(_error(i, f.name, reason, msg))
+    return errors
+
+
+def records_to_columns(body: Any, m: Manifest, s: Settings, skip: bool = False) -> Parsed:
+    """Validate ``{"records": [...]}`` into columns (feature name -> values). An invalid record
+    raises InvalidRecords (422), or with ``skip`` is left out and its errors kept."""
+    bad = _batch_error(body, s)
+    if bad is not None:
+        raise bad
+    records = body["records"]
+    n = len(records)
     fast = _fast_columns(records, m, s)
     if fast is not None:
-        return fast, n
-    feats = m.features
-    known = {f.name for f in feats}
-    ignored = set(m.ignored_columns)
-    columns: dict[str, list[Any]] = {f.name: [None] * n for f in feats}
-    errors = _CappedErrors()
-    bad_records = 0
+        return Parsed(fast, n, n)
+    rows: list[list[Any]] = []
+    errors, invalid = _CappedErrors(), {}
     for i, rec in enumerate(records):
-        first: str | None = None
-        if not isinstance(rec, dict):
-            errors.append(
-                {
-                    "record": i,
-                    "field": None,
-                    "reason": "not_an_object",
-                    "message": f"expected an object, got {type(rec).__name__}",
-                }
-            )
-            first = "not_an_object"
+        row: list[Any] = [None] * len(m.features)
+        errs = _record_errors(rec, i, m, s, row)
+        if errs:
+            metrics.INVALID_RECORDS.labels(errs[0]["reason"]).inc()
+            errors.extend(errs)
+            invalid[i] = errs[:MAX_RECORD_ERRORS]  # kept for skip mode: bounded per record
         else:
-            if s.unknown_fields == "reject":
-                for key in rec:
-                    if key not in known and key not in ignored:
-                        errors.append(
-                            {
-                                "record": i,
-                                "field": str(key),
-                                "reason": "unknown_field",
-                                "message": "the model has no such feature",
-                            }
-                        )
-                        first = first or "unknown_field"
-            for f in feats:
-                value, reason, msg = _check(f, rec.get(f.name, MISSING), s.max_string_length)
-                if reason:
-                    errors.append({"record": i, "field": f.name, "reason": reason, "message": msg})
-                    first = first or reason
-                else:
-                    columns[f.name][i] = value
-        if first:
-            bad_records += 1
-            metrics.INVALID_RECORDS.labels(first).inc()
-    if errors.total:
+            rows.append(row)
+    if errors.total and not skip:
         more = (
             f" (first {len(errors)} of {errors.total} errors listed)"
             if errors.total > len(errors)
             else ""
         )
-        raise InvalidRecords(f"{bad_records} of {n} records are invalid{more}", list(errors))
-    return columns, n
+        raise InvalidRecords(f"{len(invalid)} of {n} records are invalid{more}", list(errors))
+    names = [f.name for f in m.features]
+    columns = {k: [r[j] for r in rows] for j, k in enumerate(names)}
+    return Parsed(columns, len(rows), n, invalid if skip else {})
 
 
 class _CappedErrors(list[dict[str, Any]]):
@@ -256,23 +234,61 @@ class _CappedErrors(list[dict[str, Any]]):
         if len(self) < MAX_LISTED_ERRORS:
             super().append(error)
 
+    def extend(self, errors: Iterable[dict[str, Any]]) -> None:
+        for e in errors:
+            self.append(e)
 
-def columns_and_ids(
-    body: Any, m: Manifest, s: Settings, with_ids: bool
-) -> tuple[dict[str, list[Any]], int, list[dict[str, Any]] | None]:
-    """:func:`records_to_columns`, plus each record's id columns (the ones training ignored)
-    when the sink wants them (it writes them beside the record)."""
-    columns, n = records_to_columns(body, m, s)
+
+def parsed_and_ids(
+    body: Any, m: Manifest, s: Settings, skip: bool, with_ids: bool
+) -> tuple[Parsed, list[dict[str, Any]] | None]:
+    """:func:`records_to_columns`, plus the id columns (the ones training ignored) of each
+    valid record when the sink wants them (it writes them beside the record)."""
+    parsed = records_to_columns(body, m, s, skip)
     if not (with_ids and m.ignored_columns):
-        return columns, n, None
+        return parsed, None
     ids = [
         {c: r[c] for c in m.ignored_columns if c in r} if isinstance(r, dict) else {}
-        for r in body["records"]
+        for i, r in enumerate(body["records"])
+        if i not in parsed.invalid
     ]
-    return columns, n, ids
+    return parsed, ids
 
 
 # ---------------------------------------------------------------- OpenAPI schema of a model
+
+
+def _field_type(f: NumericFeature | BooleanFeature | CategoricalFeature, max_len: int) -> Any:
+    """The JSON types :func:`values.parse` accepts for ``f`` (null: missing, always accepted)."""
+    number = Annotated[float, Field(ge=-FLOAT_MAX, le=FLOAT_MAX)]
+    text_number = Annotated[str, Field(pattern=values.NUMBER_PATTERN)]
+    if isinstance(f, NumericFeature):
+        return number | text_number | None
+    if isinstance(f, BooleanFeature):
+        words = Literal[tuple(sorted(values.TRUE_WORDS | values.FALSE_WORDS))]  # type: ignore[valid-type]
+        return bool | number | words | text_number | None
+    return Annotated[str, Field(max_length=max_len)] | number | bool | None
+
+
+def _field_doc(f: NumericFeature | BooleanFeature | CategoricalFeature) -> str:
+    if isinstance(f, NumericFeature):
+        return (
+            f"a number (or its decimal text); seen in training from {f.min:g} to {f.max:g}; "
+            "a value far outside is scored and named in unusual_values"
+        )
+    if isinstance(f, BooleanFeature):
+        return (
+            "true or false (or 1/0, yes/no, y/n, t/f, on/off); another number is scored as "
+            "missing and named in unusual_values"
+        )
+    cats = [c for c in f.categories if c not in (UNKNOWN_TOKEN, MISSING_TOKEN)]
+    return (
+        "one of "
+        + ", ".join(repr(c) for c in cats[:50])
+        + (" ..." if len(cats) > 50 else "")
+        + "; other values are scored as never seen and named in unusual_values; a number is "
+        "read as its decimal text"
+    )
 
 
 def request_model(m: Manifest, max_records: int, max_string_length: int) -> type[BaseModel]:
@@ -280,26 +296,12 @@ def request_model(m: Manifest, max_records: int, max_string_length: int) -> type
     schema only: validation is :func:`records_to_columns`, which accepts exactly this)."""
     fields: dict[str, Any] = {}
     for f in m.features:
-        typ: Any
-        if isinstance(f, NumericFeature):
-            typ = Annotated[float, Field(ge=-FLOAT_MAX, le=FLOAT_MAX)]
-            desc = f"number; seen in training from {f.min:g} to {f.max:g}"
-        elif isinstance(f, BooleanFeature):
-            typ, desc = bool | Literal[0, 1], "true or false (or 1 or 0)"
-        else:
-            cats = [c for c in f.categories if c not in (UNKNOWN_TOKEN, MISSING_TOKEN)]
-            typ = Annotated[str, Field(max_length=max_string_length)] | int
-            desc = (
-                "one of "
-                + ", ".join(repr(c) for c in cats[:50])
-                + (" ..." if len(cats) > 50 else "")
-                + "; other values are scored as never seen and flagged; an integer is read as "
-                "its decimal string (then usually never seen)"
-            )
+        typ, desc = _field_type(f, max_string_length), _field_doc(f)
         if f.nullable:
-            fields[f.name] = (typ | None, Field(None, description=desc + "; may be null"))
+            fields[f.name] = (typ, Field(None, description=desc + "; may be null or left out"))
         else:
-            fields[f.name] = (typ, Field(..., description=desc + "; required"))
+            desc += "; required (null is scored as unusual: it was never missing in training)"
+            fields[f.name] = (typ, Field(..., description=desc))
     for c in m.ignored_columns:
         fields[c] = (Any, Field(None, description="accepted and ignored (excluded in training)"))
     record = create_model(
@@ -317,6 +319,13 @@ class FeatureShare(BaseModel):
     share: float = Field(description="share of the score in excess of normal, 0 to 1")
 
 
+class UnusualValue(BaseModel):
+    field: str
+    value: Any = Field(description="the value as read (null: missing)")
+    kind: Literal["missing", "out_of_range", "not_boolean", "unseen_category"]
+    why: str
+
+
 class RecordResult(BaseModel):
     score: float = Field(description="higher = more anomalous")
     is_anomaly: bool = Field(description="score > threshold")
@@ -324,6 +333,22 @@ class RecordResult(BaseModel):
     percentile: float = Field(description="percentile of the score among normal records, 0-100")
     top_features: list[FeatureShare]
     unknown_categories: list[str] = Field(description="features whose value was never seen")
+    unusual_values: list[UnusualValue] = Field(
+        description="values the model never saw in training (scored, and never as normal)"
+    )
+
+
+class FieldError(BaseModel):
+    field: str | None
+    reason: str
+    message: str
+
+
+class RecordError(BaseModel):
+    """An invalid record, in its place among the results (``on_invalid=skip``)."""
+
+    error: str
+    errors: list[FieldError]
 
 
 class ModelRef(BaseModel):
@@ -334,20 +359,39 @@ class ModelRef(BaseModel):
 
 class ScoreResponse(BaseModel):
     model: ModelRef
-    results: list[RecordResult]
+    results: list[RecordResult | RecordError]
 
 
-def results_json(scorer: Scorer, scored: Scored, explain: int) -> dict[str, Any]:
+def _unusual(
+    scorer: Scorer, scored: Scored, columns: dict[str, list[Any]]
+) -> list[list[dict[str, Any]]]:
+    out: list[list[dict[str, Any]]] = [[] for _ in range(len(scored.score))]
+    feats = {f.name: f for f in scorer.manifest.features}
+    for name, kind, rows in scored.unusual:
+        why = values.why(feats[name], kind)
+        for i in rows.nonzero()[0].tolist():
+            out[i].append({"field": name, "value": columns[name][i], "kind": kind, "why": why})
+    return out
+
+
+def results_json(
+    scorer: Scorer,
+    parsed: Parsed,
+    scored: Scored | None,
+    explain: int,
+    score_type: str | None = None,
+) -> dict[str, Any]:
+    """The response: one result per record, in order (an invalid one's errors in its place)."""
     m = scorer.manifest
-    tops = top_features(scorer.feature_names, scored, explain)
-    unknown = [[] for _ in range(len(scored.score))]  # type: list[list[str]]
-    for name, rows in scored.unknown.items():
-        for i in rows.nonzero()[0]:
-            unknown[i].append(name)
-    thr = scored.threshold
-    return {
-        "model": {"name": m.name, "version": m.version, "score_type": scored.score_type},
-        "results": [
+    results: list[dict[str, Any]] = []
+    if scored is not None:
+        tops = top_features(scorer.feature_names, scored, explain)
+        unknown = [[] for _ in range(len(scored.score))]  # type: list[list[str]]
+        for name, rows in scored.unknown.items():
+            for i in rows.nonzero()[0]:
+                unknown[i].append(name)
+        thr = scored.threshold
+        results = [
             {
                 "score": sc,
                 "is_anomaly": an,
@@ -355,17 +399,29 @@ def results_json(scorer: Scorer, scored: Scored, explain: int) -> dict[str, Any]
                 "percentile": round(p, 3),
                 "top_features": top,
                 "unknown_categories": unk,
+                "unusual_values": odd,
             }
-            for sc, an, p, top, unk in zip(
+            for sc, an, p, top, unk, odd in zip(
                 scored.score.tolist(),
                 scored.is_anomaly.tolist(),
                 scored.percentile.tolist(),
                 tops,
                 unknown,
+                _unusual(scorer, scored, parsed.columns),
                 strict=True,
             )
-        ],
-    }
+        ]
+    for index in sorted(parsed.invalid):  # in index order, so each insert lands in its place
+        errs = parsed.invalid[index]
+        results.insert(
+            index,
+            {
+                "error": f"record {index} is invalid: {errs[0]['field']}: {errs[0]['message']}",
+                "errors": [{k: e[k] for k in ("field", "reason", "message")} for e in errs],
+            },
+        )
+    st = scored.score_type if scored is not None else score_type or m.default_score
+    return {"model": {"name": m.name, "version": m.version, "score_type": st}, "results": results}
 
 
 # ---------------------------------------------------------------- routes
@@ -387,17 +443,29 @@ QUERY_PARAMETERS: list[dict[str, Any]] = [
         "description": "top features per record; default: the service's setting",
         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_EXPLAIN},
     },
+    {
+        "name": "on_invalid",
+        "in": "query",
+        "required": False,
+        "description": "reject: an invalid record fails the request (422); skip: the valid "
+        "records are scored and each invalid one gets its errors in its place",
+        "schema": {"type": "string", "enum": ["reject", "skip"]},
+    },
 ]
 
 
-def query_options(request: Request, scorer: Scorer, settings: Settings) -> tuple[str | None, int]:
-    """(score type or None for the model's default, top features per record) from the query
-    string; or raise InvalidParameters (422) naming each bad parameter."""
+def query_options(
+    request: Request, scorer: Scorer, settings: Settings
+) -> tuple[str | None, int, bool]:
+    """(score type or None for the model's default, top features per record, skip invalid
+    records) from the query string; or raise InvalidParameters (422) naming each bad one."""
     if not request.scope["query_string"]:
-        return None, settings.explain
+        return None, settings.explain, False
     q = request.query_params
-    score, explain = q.get("score"), q.get("explain")
+    score, explain, on_invalid = q.get("score"), q.get("explain"), q.get("on_invalid")
     errors = []
+    if on_invalid not in (None, "reject", "skip"):
+        errors.append(_param_error("on_invalid", "literal_error", "expected reject or skip"))
     if score is not None and score not in scorer.manifest.score_types:
         allowed = ", ".join(scorer.manifest.score_types)
         errors.append(_param_error("score", "literal_error", f"expected one of {allowed}"))
@@ -411,7 +479,7 @@ def query_options(request: Request, scorer: Scorer, settings: Settings) -> tuple
                 errors.append(_param_error("explain", "out_of_range", f"0 to {MAX_EXPLAIN}"))
     if errors:
         raise InvalidParameters("invalid query parameters", errors)
-    return score, k
+    return score, k, on_invalid == "skip"
 
 
 def _param_error(field: str, reason: str, message: str) -> dict[str, Any]:
@@ -434,18 +502,16 @@ async def score_records(request: Request) -> JSON:
     check_api_key(request)
     scorer = current_scorer(request)
     settings: Settings = request.app.state.settings
-    score_type, k = query_options(request, scorer, settings)
+    score_type, k, skip = query_options(request, scorer, settings)
     body = await read_body(request, settings.max_body_bytes)
-    columns, n, ids = await parse_body(
-        request,
-        body,
-        columns_and_ids,
-        scorer.manifest,
-        settings,
-        request.app.state.sink is not None,
+    sink_on = request.app.state.sink is not None
+    parsed, ids = await parse_body(
+        request, body, parsed_and_ids, scorer.manifest, settings, skip, sink_on
     )
-    scored = await score_with(request, scorer, columns, n, score_type, ids)
-    return JSON(await offload(n, results_json, scorer, scored, k))
+    scored = None
+    if parsed.n:
+        scored = await score_with(request, scorer, parsed.columns, parsed.n, score_type, ids)
+    return JSON(await offload(parsed.n, results_json, scorer, parsed, scored, k, score_type))
 
 
 @router.get(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
@@ -21,6 +21,7 @@ from service.bundle import Bundle, BundleError, Manifest
 from service.drift import DriftCounter
 from service.features import Encoder, Percentiles
 from service.runtime import check_runs, open_bundle, warm_up_columns
+from service.values import never_normal
 
 
 @dataclass
@@ -35,6 +36,8 @@ class Scored:
     order: npt.NDArray[np.intp]  # [n, n_features]: feature indexes, largest share first
     shares: npt.NDArray[np.float32]  # [n, n_features]: each feature's share, in that order
     unknown: dict[str, npt.NDArray[np.bool_]]  # feature -> rows with an unseen category
+    # (feature, kind, rows) of values the model never saw (service/values.py)
+    unusual: list[tuple[str, str, npt.NDArray[np.bool_]]] = field(default_factory=list)
 
 
 class Scorer:
@@ -94,10 +97,12 @@ class Scorer:
         attribution = out["attribution"]
         order = np.argsort(-attribution, axis=1, kind="stable")
         shares = np.take_along_axis(attribution, order, axis=1)
+        found = enc.unusual
         by_type = {}
         for st in {score_type or m.default_score for _, score_type in requests}:
             scores = out[st].astype(np.float64)
             thr = m.thresholds[st].value  # type: ignore[index]
+            never_normal(scores, found, thr)
             by_type[st] = (scores, scores > thr, thr, self.percentile(st, scores))
         unknown = {k: v for k, v in enc.unknown.items() if v.any()}
         results = []
@@ -116,6 +121,9 @@ class Scorer:
                     order=order[lo:hi],
                     shares=shares[lo:hi],
                     unknown={k: v[lo:hi] for k, v in unknown.items() if v[lo:hi].any()},
+                    unusual=[]
+                    if found is None
+                    else [(f, k, r[lo:hi]) for f, k, r in found.items if r[lo:hi].any()],
                 )
             )
             lo = hi
@@ -128,10 +136,16 @@ class Scorer:
             else:
                 anomalies = int(sum(r.is_anomaly.sum() for r in results))
             metrics.ANOMALIES.inc(anomalies)
-            metrics.observe_many(self.score_histogram, out[m.default_score].astype(np.float64))
+            default = by_type.get(m.default_score)
+            metrics.observe_many(
+                self.score_histogram,
+                default[0] if default else out[m.default_score].astype(np.float64),
+            )
             for name, rows in unknown.items():
                 metrics.UNKNOWN_CATEGORY.labels(name).inc(int(rows.sum()))
             self.drift.observe(enc.inputs, out[m.default_score])
+            for name, kind, rows in found.items if found is not None else ():
+                metrics.UNUSUAL_VALUES.labels(name, kind).inc(int(rows.sum()))
         return results
 
     def warm_up(self, timeout: float | None = None) -> None:
@@ -147,15 +161,16 @@ class Scorer:
 
 
 def top_features(names: list[str], scored: Scored, k: int) -> list[list[dict[str, Any]]]:
-    """The ``k`` features with the largest share of each record's score (zero shares left out)."""
+    """The ``k`` features with the largest share of each record's score (shares that round to
+    zero left out)."""
     n = len(scored.score)
     if k <= 0:
         return [[] for _ in range(n)]
     return [
         [
-            {"name": names[c], "share": round(v, 4)}
+            {"name": names[c], "share": r}
             for c, v in zip(cols, vals, strict=False)
-            if v > 0
+            if (r := round(v, 4)) > 0  # a share that rounds to 0 names nothing
         ]
         for cols, vals in zip(
             scored.order[:, :k].tolist(), scored.shares[:, :k].tolist(), strict=True

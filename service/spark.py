@@ -5,7 +5,8 @@
     scored = score_dataframe(spark.read.parquet("s3://lake/day=2026-11-28/"), "models/payments")
     scored.write.parquet("s3://lake/scores/day=2026-11-28/")
 
-The output is the input plus ``score``, ``is_anomaly`` and ``percentile``. Partitions are scored
+The output is the input plus ``score``, ``is_anomaly``, ``percentile``, ``unusual`` and
+``error``, as the bulk CLI writes them. Partitions are scored
 with ``mapInArrow``: each Arrow batch goes through :class:`service.api.Model` (the library behind
 the bulk CLI, so a row scores the same here and there), and each Python worker loads the bundle
 once and keeps its onnxruntime session for the tasks that follow. The bundle is checked on the
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.api import SCORE_COLUMNS, Model, SchemaError, check_schema, resolve, score_type_of
+from service.api import OUTPUTS, Model, SchemaError, check_schema, resolve, score_type_of
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -48,12 +49,12 @@ def score_dataframe(
     """``df`` plus the score columns; raises SchemaError (on the driver) if ``df`` lacks a
     column the model needs or already has a column named like a score column."""
     from pyspark import SparkFiles
-    from pyspark.sql.types import BooleanType, DoubleType, StructField, StructType
+    from pyspark.sql.types import BooleanType, DoubleType, StringType, StructField, StructType
 
     bundle = resolve(model_path)  # verified here, on the driver
     st = score_type_of(bundle.manifest, score_type)
     check_schema(bundle.manifest, df.columns)
-    taken = [c for c in SCORE_COLUMNS if c in df.columns]
+    taken = [c for c in OUTPUTS if c in df.columns]
     if taken:
         raise SchemaError(f"the data already has column(s) {taken}; rename them first")
     path = str(bundle.path)
@@ -63,9 +64,12 @@ def score_dataframe(
     schema = StructType(
         [
             *df.schema.fields,
-            StructField("score", DoubleType(), False),
-            StructField("is_anomaly", BooleanType(), False),
-            StructField("percentile", DoubleType(), False),
+            # a row that cannot be scored has no score and says why in ``error``
+            StructField("score", DoubleType(), True),
+            StructField("is_anomaly", BooleanType(), True),
+            StructField("percentile", DoubleType(), True),
+            StructField("unusual", StringType(), True),
+            StructField("error", StringType(), True),
         ]
     )
 
@@ -75,9 +79,13 @@ def score_dataframe(
         model = _model(path if shared else SparkFiles.get(name), threads)
         for batch in batches:
             result = model.score(batch.to_pandas(), score_type=st)
-            scores = [pa.array(result[c].to_numpy()) for c in SCORE_COLUMNS]
+            types = [pa.float64(), pa.bool_(), pa.float64(), pa.string(), pa.string()]
+            scores = [
+                pa.array(result[c], type=t, from_pandas=True)
+                for c, t in zip(OUTPUTS, types, strict=True)
+            ]
             yield pa.RecordBatch.from_arrays(
-                [*batch.columns, *scores], names=[*batch.schema.names, *SCORE_COLUMNS]
+                [*batch.columns, *scores], names=[*batch.schema.names, *OUTPUTS]
             )
 
     return df.mapInArrow(score_batches, schema)

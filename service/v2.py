@@ -1,34 +1,34 @@
 """The Open Inference Protocol (KServe V2) REST endpoints.
 
 One input tensor per feature, shape ``[N]`` (or ``[N, 1]``): ``FP32``/``FP64``/``INT*``/``UINT*``
-for numerics, ``BOOL`` for booleans, ``BYTES`` for categoricals. A nullable feature may be left
-out (all missing) or hold ``null`` entries. Outputs ``score`` (FP64), ``is_anomaly`` (BOOL) and
-``percentile`` (FP64), each ``[N]``. Request ``parameters`` may set ``score_type``. Errors are
+for numerics, ``BOOL`` for booleans, ``BYTES`` for categoricals — or any datatype whose values
+are values of the feature by the rules of service/values.py. A nullable feature may be left
+out (all missing); ``null`` entries are missing. Outputs ``score`` (FP64), ``is_anomaly`` (BOOL)
+and ``percentile`` (FP64), each ``[N]``; values the model never saw are listed in the response's
+``parameters.unusual_values``. Request ``parameters`` may set ``score_type``. Errors are
 ``{"error": "..."}``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 
-from service import __version__
+from service import __version__, values
 from service.auth import require_api_key
 from service.bundle import BooleanFeature, CategoricalFeature, Manifest, NumericFeature, ScoreType
 from service.errors import V2_ERROR_RESPONSES, BadRequest, NotFound
 from service.http import JSON, ScorerDep, SettingsDep, parse_body, read_body
 from service.http import score as score_with
-from service.scoring import Scorer
+from service.scoring import Scored, Scorer
 from service.settings import Settings
 
 Datatype = Literal[
     "BOOL", "BYTES", "FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64",
     "UINT8", "UINT16", "UINT32", "UINT64",
 ]  # fmt: skip
-NUMERIC_TYPES = set(get_args(Datatype)) - {"BOOL", "BYTES"}
 # the values each numeric datatype can hold: (least, greatest, integers only)
 RANGES: dict[str, tuple[float, float, bool]] = {
     **{f"INT{b}": (-(2 ** (b - 1)), 2 ** (b - 1) - 1, True) for b in (8, 16, 32, 64)},
@@ -36,6 +36,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "FP16": (-65504.0, 65504.0, False),
     "FP32": (-3.4028234663852886e38, 3.4028234663852886e38, False),
 }
+DATATYPES = frozenset(get_args(Datatype))
 OUTPUTS = {"score": "FP64", "is_anomaly": "BOOL", "percentile": "FP64"}
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -109,17 +110,27 @@ def _fits(v: float, least: float, greatest: float, integral: bool) -> bool:
     return least <= v <= greatest and (not integral or isinstance(v, int) or v.is_integer())
 
 
+def _of_datatype(v: Any, dt: str) -> bool:
+    """Whether a JSON value is of the tensor's datatype (null, missing, is of any)."""
+    if v is None:
+        return True
+    if dt == "BOOL":
+        return isinstance(v, bool)
+    if dt == "BYTES":
+        return isinstance(v, str)
+    if dt.startswith(("INT", "UINT")):
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def _column(
     f: NumericFeature | BooleanFeature | CategoricalFeature, t: dict[str, Any], max_len: int
 ) -> list[Any]:
+    """A feature's tensor as values, by the rules of service/values.py (whatever the datatype:
+    ``BYTES`` ``["yes"]`` for a boolean, ``INT64`` for a categorical are values too)."""
     name, dt = f.name, t.get("datatype")
-    kind = f.kind
-    allowed = NUMERIC_TYPES if kind == "numeric" else {"BOOL"} if kind == "boolean" else {"BYTES"}
-    if dt not in allowed:
-        raise BadRequest(
-            f"input {name!r}: datatype {dt!r} is not allowed for a {kind} feature "
-            f"(use {' or '.join(sorted(allowed))})"
-        )
+    if not isinstance(dt, str) or dt not in DATATYPES:
+        raise BadRequest(f"input {name!r}: unknown datatype {dt!r}")
     shape = t.get("shape")
     if (
         not isinstance(shape, list)
@@ -128,37 +139,21 @@ def _column(
         or (len(shape) == 2 and shape[1] != 1)
     ):
         raise BadRequest(f"input {name!r}: shape must be [N] or [N, 1], got {shape!r}")
-    values = _flatten(t.get("data"), len(shape))
-    if len(values) != shape[0]:
+    data = _flatten(t.get("data"), len(shape))
+    if len(data) != shape[0]:
         raise BadRequest(
-            f"input {name!r}: shape {shape} holds {shape[0]} values, data has {len(values)}"
+            f"input {name!r}: shape {shape} holds {shape[0]} values, data has {len(data)}"
         )
     out: list[Any] = []
-    for i, v in enumerate(values):
-        if v is None:
-            if not f.nullable:
-                raise BadRequest(f"input {name!r}[{i}]: null, but this feature is required")
-            out.append(None)
-        elif kind == "numeric":
-            try:
-                ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
-            except OverflowError:  # an integer beyond any float
-                ok = False
-            if not ok:
-                raise BadRequest(f"input {name!r}[{i}]: expected a finite number, got {v!r:.40}")
-            if dt in RANGES and not _fits(v, *RANGES[dt]):
-                raise BadRequest(f"input {name!r}[{i}]: {v!r:.40} is not a {dt} value")
-            out.append(float(v))
-        elif kind == "boolean":
-            if not isinstance(v, bool):
-                raise BadRequest(f"input {name!r}[{i}]: expected true or false, got {v!r}")
-            out.append(v)
-        else:
-            if not isinstance(v, str):
-                raise BadRequest(f"input {name!r}[{i}]: expected a string, got {v!r}")
-            if len(v) > max_len:
-                raise BadRequest(f"input {name!r}[{i}]: longer than {max_len} characters")
-            out.append(v)
+    for i, v in enumerate(data):
+        if not _of_datatype(v, dt):
+            raise BadRequest(f"input {name!r}[{i}]: {type(v).__name__} in a {dt} tensor")
+        if dt in RANGES and v is not None and not _fits(v, *RANGES[dt]):
+            raise BadRequest(f"input {name!r}[{i}]: {v!r:.40} is not a {dt} value")
+        try:
+            out.append(values.parse(f.kind, v, max_len))
+        except values.Invalid as e:
+            raise BadRequest(f"input {name!r}[{i}]: {e.message}") from None
     return out
 
 
@@ -282,6 +277,19 @@ def _parse(
     return columns, n, score_type, names, rid
 
 
+def unusual_values(m: Manifest, scored: Scored, columns: dict[str, list[Any]]) -> list[Any]:
+    """The values the model never saw, as ``parameters.unusual_values``: a list of
+    ``{"index", "field", "value", "kind", "why"}`` (index: the record's position)."""
+    feats = {f.name: f for f in m.features}
+    out = [
+        {"index": i, "field": name, "value": columns[name][i], "kind": kind}
+        | {"why": values.why(feats[name], kind)}
+        for name, kind, rows in scored.unusual
+        for i in rows.nonzero()[0].tolist()
+    ]
+    return sorted(out, key=lambda u: u["index"])
+
+
 INFER: dict[str, Any] = {
     **PROTECTED,
     "openapi_extra": {
@@ -311,13 +319,16 @@ async def infer(
     scored = await score_with(request, scorer, columns, n, score_type)
     data = {"score": scored.score, "is_anomaly": scored.is_anomaly, "percentile": scored.percentile}
     m = scorer.manifest
+    params: dict[str, Any] = {"score_type": scored.score_type, "threshold": scored.threshold}
+    if scored.unusual:
+        params["unusual_values"] = unusual_values(m, scored, columns)
     out: dict[str, Any] = {
         "model_name": m.name,
         "model_version": m.version,
         "outputs": [
             {"name": o, "datatype": OUTPUTS[o], "shape": [n], "data": data[o]} for o in names
         ],
-        "parameters": {"score_type": scored.score_type, "threshold": scored.threshold},
+        "parameters": params,
     }
     if rid is not None:
         out["id"] = rid

@@ -12,6 +12,7 @@ import pytest
 from service.bundle import read_bundle
 from service.features import encode_columns
 from service.runtime import open_bundle
+from service.values import never_normal
 from tests.conftest import cli_executable
 from training.cli import main
 from training.demo_data import generate_payments, make_anomalies
@@ -51,24 +52,29 @@ def test_scores_a_file_in_chunks_like_the_model(
     stdout = capsys.readouterr().out
     assert code == 0 and "scored 2500 records" in stdout
     got = read(out)
-    assert list(got.columns) == ["transaction_id", "score", "is_anomaly", "percentile"]
+    assert list(got.columns) == [
+        "transaction_id",
+        "score",
+        "is_anomaly",
+        "percentile",
+        "unusual",
+        "error",
+    ]
     assert got["transaction_id"].tolist() == df["transaction_id"].tolist()
     bundle, model = open_bundle(bundle_dir)
     feats = bundle.manifest.features
-    expected = model.run(
-        encode_columns(feats, {f.name: df[f.name].to_numpy() for f in feats}).inputs
-    )["elbo"]
-    np.testing.assert_allclose(got["score"].to_numpy(), expected, rtol=1e-5)
     thr = bundle.manifest.thresholds["elbo"].value
+    enc = encode_columns(feats, {f.name: df[f.name].to_numpy() for f in feats})
+    # the model's scores, with rows holding a value never seen in training raised to the alarm
+    expected = never_normal(model.run(enc.inputs)["elbo"].astype(np.float64), enc.unusual, thr)
+    np.testing.assert_allclose(got["score"].to_numpy(), expected, rtol=1e-5)
     assert (got["is_anomaly"].to_numpy() == (expected > thr)).all()
     assert got["is_anomaly"].iloc[-200:].mean() > 0.8
     assert got["percentile"].between(0, 100).all()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_unreadable_values_are_scored_as_missing_and_reported(
-    bundle_dir: Path, tmp_path: Path
-) -> None:
+def test_unreadable_values_are_reported_not_scored(bundle_dir: Path, tmp_path: Path) -> None:
     df = generate_payments(300, seed=101)
     df["customer_age"] = df["customer_age"].astype(object)
     df.loc[:9, "customer_age"] = "unknown"
@@ -95,11 +101,20 @@ def test_unreadable_values_are_scored_as_missing_and_reported(
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    assert "10 unreadable value(s) in 'customer_age'" in r.stderr
+    assert "10 invalid record(s) not scored" in r.stderr
     assert "['device']" in r.stderr
     got = pd.read_csv(out)
-    assert list(got.columns) == ["transaction_id", "hour", "score", "is_anomaly", "percentile"]
-    assert len(got) == 300 and np.isfinite(got["score"]).all()
+    assert list(got.columns) == [
+        "transaction_id",
+        "hour",
+        "score",
+        "is_anomaly",
+        "percentile",
+        "unusual",
+        "error",
+    ]
+    assert len(got) == 300 and np.isfinite(got["score"][10:]).all()
+    assert got["score"][:10].isna().all() and got["error"][:10].str.startswith("customer_age").all()
 
 
 def test_bad_jobs_fail_cleanly(

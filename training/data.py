@@ -21,6 +21,7 @@ from service.bundle import (
     CategoricalFeature,
     NumericFeature,
 )
+from service.values import Invalid
 from training.config import TrainConfig
 
 Feature = NumericFeature | BooleanFeature | CategoricalFeature
@@ -95,21 +96,27 @@ def fingerprint(path: str | Path) -> str:
 
 
 def column_values(s: pd.Series, name: str, kind: str | None) -> tuple[str, np.ndarray]:
-    """Infer (or apply the configured) type of a column; return it with normalized values."""
+    """Infer (or apply the configured) type of a column; return it with normalized values.
+
+    A column of numbers is numeric (even one holding only 0 and 1); only true/false values
+    (or the words of ``service.values``) make a boolean column; anything else is categorical.
+    """
     if kind is None:
         if tables.is_boolean(s):
             kind = "boolean"
         elif pd.api.types.is_numeric_dtype(s.dtype):
             kind = "numeric"
         else:
-            return "categorical", tables.to_category(s)
-    if kind == "categorical":
-        return kind, tables.to_category(s)
-    values, bad = tables.to_bool(s) if kind == "boolean" else tables.to_float(s)
-    if bad.any():
-        example = s[bad].iloc[0]
+            kind = "categorical"
+    values, errors = tables.column(kind, s)
+    if kind == "boolean" and not errors:
+        other = np.flatnonzero(~np.isnan(values) & (values != 0) & (values != 1))
+        errors = {int(i): Invalid("wrong_type", "not true or false") for i in other}
+    if errors:
+        row = min(errors)
+        cell = s.iloc[row : row + 1].tolist()[0]  # a Python value, shown as the file has it
         raise DataError(
-            f"column {name!r} is {kind} but holds {example!r} (row {int(np.flatnonzero(bad)[0])})"
+            f"column {name!r} is {kind} but holds {cell!r} (row {row}): {errors[row].message}"
         )
     return kind, values
 
@@ -263,7 +270,14 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
                     f"column {name!r}: {len(counts) - len(kept)} rare value(s) "
                     f"({folded} record(s)) map to {UNKNOWN_TOKEN}"
                 )
-            spec.update(categories=[UNKNOWN_TOKEN, MISSING_TOKEN, *kept])
+            # how often held-out normal records bring a value the vocabulary lacks (label-free)
+            calib = values[calib_idx]
+            known = set(kept)
+            unseen = sum(1 for v in calib if v is not None and v not in known)
+            spec.update(
+                categories=[UNKNOWN_TOKEN, MISSING_TOKEN, *kept],
+                unseen_rate=unseen / max(1, len(calib)),
+            )
         specs.append((kind, spec))
         columns[name] = values
         if len(anomalous):
