@@ -22,8 +22,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from service import tables
-from service.bundle import Bundle, read_bundle
+from service import tables, timefeatures
+from service.bundle import Bundle, Manifest, read_bundle
 from service.features import Encoder, Percentiles
 from service.registry import Registry
 from service.runtime import OnnxModel
@@ -63,7 +63,9 @@ def read_chunks(path: Path, size: int) -> Iterator[pd.DataFrame]:
     if kind == "csv":
         yield from pd.read_csv(path, chunksize=size)
     elif kind == "jsonl":
-        yield from pd.read_json(path, lines=True, chunksize=size)
+        # dtype=False: values as written (pandas would turn numbers or strings in columns with
+        # date-like names into timestamps)
+        yield from pd.read_json(path, lines=True, chunksize=size, dtype=False)
     else:
         for rb in pq.ParquetFile(path).iter_batches(batch_size=size):
             yield rb.to_pandas()
@@ -118,6 +120,19 @@ class Summary:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
+def with_time_features(chunk: pd.DataFrame, m: Manifest) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The chunk with each date-time column's time features added (a value that is not a
+    date-time is missing), and the number of such values per column."""
+    bad_counts = {}
+    for col in m.datetime_columns:
+        if col.name in chunk.columns:
+            derived, bad = timefeatures.derive(chunk[col.name].tolist(), col)
+            if bad:
+                bad_counts[col.name] = len(bad)
+            chunk = chunk.assign(**derived)
+    return chunk, bad_counts
+
+
 def score_file(
     bundle: Bundle,
     data: Path,
@@ -150,14 +165,19 @@ def score_file(
     start = time.perf_counter()
     try:
         for chunk in read_chunks(data, chunk_size):
+            chunk, bad_times = with_time_features(chunk, m)
+            for name, count in bad_times.items():
+                summary.unreadable[name] = summary.unreadable.get(name, 0) + count
             if summary.rows == 0:
                 absent = [f.name for f in m.features if f.name not in chunk.columns]
                 required = [
                     n for n in absent if not next(f for f in m.features if f.name == n).nullable
                 ]
+                source = timefeatures.derived_names(m)  # name a date-time field, not its parts
                 if required:
+                    required = list(dict.fromkeys(source.get(n, n) for n in required))
                     raise BatchError(f"{data}: no column(s) {required}, which the model needs")
-                summary.missing_columns = absent
+                summary.missing_columns = list(dict.fromkeys(source.get(n, n) for n in absent))
                 id_cols = (
                     ids if ids is not None else [c for c in m.ignored_columns if c in chunk.columns]
                 )

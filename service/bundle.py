@@ -102,6 +102,34 @@ Feature = Annotated[
     NumericFeature | BooleanFeature | CategoricalFeature, Field(discriminator="kind")
 ]
 
+TimeFeature = Literal["hour_sin", "hour_cos", "dow_sin", "dow_cos"]
+
+
+class DateTimeColumn(_Strict):
+    """A date-time field that clients send as it is (an ISO 8601 string, or seconds or
+    milliseconds since 1970-01-01 UTC); service/timefeatures.py derives from it the numeric
+    features ``<name>.<derived>`` (time of day and day of week on the circle)."""
+
+    name: str
+    unit: Literal["iso", "epoch_s", "epoch_ms"]
+    timezone: Literal["local", "utc"] = Field(
+        "local",
+        description="local: the time of day as written (a value's own offset; UTC without "
+        "one); utc: a value with an offset is converted to UTC first",
+    )
+    nullable: bool = Field(description="missing values were seen in training")
+    derived: list[TimeFeature] = Field(min_length=1, description="derived features in the model")
+
+
+class ColumnUse(_Strict):
+    """How training used one column of its data (for people; the service does not need it)."""
+
+    name: str
+    type: str = Field(description="numeric, boolean, categorical, datetime, id, or - (unread)")
+    used: bool
+    transform: str = ""
+    reason: str = Field("", description="why it was left out, or a note")
+
 
 class Threshold(_Strict):
     """Alarm thresholds of one score type: a record is an anomaly when ``score > value``."""
@@ -154,6 +182,12 @@ class Manifest(_Strict):
     ignored_columns: list[str] = Field(
         default_factory=list, description="columns of the training data the model does not use"
     )
+    datetime_columns: list[DateTimeColumn] = Field(
+        default_factory=list, description="date-time fields the service derives features from"
+    )
+    columns: list[ColumnUse] = Field(
+        default_factory=list, description="every column of the training data and its fate"
+    )
     score_types: list[ScoreType] = Field(min_length=1)
     default_score: ScoreType
     target_fpr: float = Field(gt=0, lt=1)
@@ -179,6 +213,12 @@ class Manifest(_Strict):
             cols = sorted(f.column for f in self.features if input_of(f) == inp)
             if cols != list(range(len(cols))):
                 raise ValueError(f"{inp} columns must be 0..n-1 without gaps")
+        numeric = {f.name for f in self.features if f.kind == "numeric"}
+        for c in self.datetime_columns:
+            if c.name in names or c.name in self.ignored_columns:
+                raise ValueError(f"date-time column {c.name} is also a feature or ignored")
+            if not {f"{c.name}.{d}" for d in c.derived} <= numeric:
+                raise ValueError(f"date-time column {c.name}: derived features must be numeric")
         return self
 
     def n_inputs(self, name: str) -> int:

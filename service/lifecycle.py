@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
-from service import metrics
+from service import metrics, timefeatures
 from service.bundle import Bundle, BundleError, Manifest, read_bundle
 from service.registry import Registry, RegistryError
 from service.scoring import Scorer
@@ -40,8 +40,12 @@ def unreadable(e: BaseException) -> bool:
 
 
 def schema_of(m: Manifest) -> list[tuple[str, str, bool]]:
-    """What clients depend on: feature names, kinds and whether they may be missing."""
-    return [(f.name, f.kind, f.nullable) for f in m.features]
+    """What clients depend on: feature names, kinds and whether they may be missing (a
+    date-time field: its unit, in place of its time features)."""
+    derived = timefeatures.derived_names(m)
+    return [(f.name, f.kind, f.nullable) for f in m.features if f.name not in derived] + [
+        (c.name, f"datetime {c.unit}", c.nullable) for c in m.datetime_columns
+    ]
 
 
 class ModelManager:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from service import metrics
+from service import metrics, timefeatures
 from service.auth import check_api_key, require_api_key
 from service.bundle import (
     MISSING_TOKEN,
@@ -188,17 +188,20 @@ def records_to_columns(body: Any, m: Manifest, s: Settings) -> tuple[dict[str, l
                 }
             ],
         )
-    fast = _fast_columns(records, m, s)
+    # date-time fields -> their time features, before validation; raw kept for the sink
+    records, raw, errors = timefeatures.derive_records(records, m)
+    fast = None if errors else _fast_columns(records, m, s)
     if fast is not None:
+        fast.update(raw)
         return fast, n
     feats = m.features
     known = {f.name for f in feats}
     ignored = set(m.ignored_columns)
     columns: dict[str, list[Any]] = {f.name: [None] * n for f in feats}
-    errors: list[dict[str, Any]] = []
+    time_errors = {e["record"]: e["reason"] for e in reversed(errors)}
     bad_records = 0
     for i, rec in enumerate(records):
-        first: str | None = None
+        first: str | None = time_errors.get(i)
         if not isinstance(rec, dict):
             errors.append(
                 {
@@ -233,6 +236,7 @@ def records_to_columns(body: Any, m: Manifest, s: Settings) -> tuple[dict[str, l
             bad_records += 1
             metrics.INVALID_RECORDS.labels(first).inc()
     if errors:
+        errors.sort(key=lambda e: e["record"] if e["record"] is not None else -1)
         shown = errors[:MAX_LISTED_ERRORS]
         more = (
             f" (first {len(shown)} of {len(errors)} errors listed)"
@@ -240,6 +244,7 @@ def records_to_columns(body: Any, m: Manifest, s: Settings) -> tuple[dict[str, l
             else ""
         )
         raise InvalidRecords(f"{bad_records} of {n} records are invalid{more}", shown)
+    columns.update(raw)
     return columns, n
 
 
@@ -250,7 +255,10 @@ def request_model(m: Manifest, max_records: int, max_string_length: int) -> type
     """A pydantic model of the score request for this bundle's features (for the OpenAPI
     schema only: validation is :func:`records_to_columns`, which accepts exactly this)."""
     fields: dict[str, Any] = {}
+    derived = timefeatures.derived_names(m)
     for f in m.features:
+        if f.name in derived:
+            continue  # sent as its date-time field, below
         typ: Any
         if isinstance(f, NumericFeature):
             typ = Annotated[float, Field(ge=-FLOAT_MAX, le=FLOAT_MAX)]
@@ -271,6 +279,18 @@ def request_model(m: Manifest, max_records: int, max_string_length: int) -> type
             fields[f.name] = (typ | None, Field(None, description=desc + "; may be null"))
         else:
             fields[f.name] = (typ, Field(..., description=desc + "; required"))
+    for d in m.datetime_columns:
+        typ, desc = (
+            (Annotated[str, Field(max_length=timefeatures.MAX_LENGTH)], "ISO 8601 date-time")
+            if d.unit == "iso"
+            else (Annotated[float, Field(ge=-FLOAT_MAX, le=FLOAT_MAX)], f"{d.unit} number")
+        )
+        desc += f"; time of day and day of week are derived ({d.timezone} time)"
+        fields[d.name] = (
+            (typ | None, Field(None, description=desc + "; may be null"))
+            if d.nullable
+            else (typ, Field(..., description=desc + "; required"))
+        )
     for c in m.ignored_columns:
         fields[c] = (Any, Field(None, description="accepted and ignored (excluded in training)"))
     record = create_model(
@@ -436,6 +456,7 @@ async def model_info(scorer: ScorerDep) -> dict[str, Any]:
         "target_fpr": m.target_fpr,
         "thresholds": {k: v.model_dump() for k, v in m.thresholds.items()},
         "features": [f.model_dump() for f in m.features],
+        "datetime_columns": [c.model_dump() for c in m.datetime_columns],
         "ignored_columns": m.ignored_columns,
         "metrics": m.metrics,
         "data": m.data.model_dump(),

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from service import metrics
+from service import metrics, timefeatures
 from service.bundle import BooleanFeature, Manifest
 
 log = logging.getLogger("vae_anomaly.sink")
@@ -49,10 +49,12 @@ class NormalSink:
         if not len(rows):
             return
         booleans = {f.name for f in manifest.features if isinstance(f, BooleanFeature)}
+        derived = timefeatures.derived_names(manifest)  # the raw date-time field is written
         records = [
             {
                 name: (None if col[i] is None else bool(col[i]) if name in booleans else col[i])
                 for name, col in columns.items()
+                if name not in derived
             }
             for i in rows.tolist()
         ]

@@ -15,9 +15,16 @@ from typing import Annotated, Any, Literal, get_args
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 
-from service import __version__
+from service import __version__, timefeatures
 from service.auth import require_api_key
-from service.bundle import BooleanFeature, CategoricalFeature, NumericFeature, ScoreType
+from service.bundle import (
+    BooleanFeature,
+    CategoricalFeature,
+    DateTimeColumn,
+    Manifest,
+    NumericFeature,
+    ScoreType,
+)
 from service.errors import V2_ERROR_RESPONSES, BadRequest, NotFound
 from service.http import JSON, ScorerDep, SettingsDep, offload, read_json
 from service.http import score as score_with
@@ -65,10 +72,27 @@ class InferenceRequest(BaseModel):
     outputs: list[RequestedOutput] | None = None
 
 
-def _datatype(f: NumericFeature | BooleanFeature | CategoricalFeature) -> str:
+def _datatype(f: NumericFeature | BooleanFeature | CategoricalFeature | DateTimeColumn) -> str:
+    if isinstance(f, DateTimeColumn):
+        return "BYTES" if f.unit == "iso" else "FP64"
     if isinstance(f, NumericFeature):
         return "FP64"
     return "BOOL" if isinstance(f, BooleanFeature) else "BYTES"
+
+
+def _datatypes(
+    f: NumericFeature | BooleanFeature | CategoricalFeature | DateTimeColumn,
+) -> set[str]:
+    """The datatypes an input may have."""
+    return NUMERIC_TYPES if _datatype(f) == "FP64" else {_datatype(f)}
+
+
+def _inputs(
+    m: Manifest,
+) -> list[NumericFeature | BooleanFeature | CategoricalFeature | DateTimeColumn]:
+    """What clients send: the features, a date-time field instead of its time features."""
+    derived = timefeatures.derived_names(m)
+    return [*(f for f in m.features if f.name not in derived), *m.datetime_columns]
 
 
 def _check_model(scorer: Scorer, name: str, version: str | None) -> None:
@@ -99,11 +123,13 @@ def _flatten(data: Any, depth: int) -> list[Any]:
 
 
 def _column(
-    f: NumericFeature | BooleanFeature | CategoricalFeature, t: dict[str, Any], max_len: int
+    f: NumericFeature | BooleanFeature | CategoricalFeature | DateTimeColumn,
+    t: dict[str, Any],
+    max_len: int,
 ) -> list[Any]:
     name, dt = f.name, t.get("datatype")
-    kind = f.kind
-    allowed = NUMERIC_TYPES if kind == "numeric" else {"BOOL"} if kind == "boolean" else {"BYTES"}
+    kind = "datetime" if isinstance(f, DateTimeColumn) else f.kind
+    allowed = _datatypes(f)
     if dt not in allowed:
         raise BadRequest(
             f"input {name!r}: datatype {dt!r} is not allowed for a {kind} feature "
@@ -128,6 +154,8 @@ def _column(
             if not f.nullable:
                 raise BadRequest(f"input {name!r}[{i}]: null, but this feature is required")
             out.append(None)
+        elif kind == "datetime":
+            out.append(v)  # checked by timefeatures.derive_column
         elif kind == "numeric":
             try:
                 ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
@@ -191,7 +219,7 @@ async def model_metadata(
         "name": m.name,
         "versions": [m.version],
         "platform": "onnxruntime_onnx",
-        "inputs": [{"name": f.name, "datatype": _datatype(f), "shape": [-1]} for f in m.features],
+        "inputs": [{"name": f.name, "datatype": _datatype(f), "shape": [-1]} for f in _inputs(m)],
         "outputs": [{"name": k, "datatype": v, "shape": [-1]} for k, v in OUTPUTS.items()],
     }
 
@@ -237,13 +265,19 @@ def _parse(
         if tname in by_name:
             raise BadRequest(f"input {tname!r} is given twice")
         by_name[tname] = t
-    feats = {f.name: f for f in m.features}
+    feats = {f.name: f for f in _inputs(m)}
     unknown = sorted(set(by_name) - set(feats) - set(m.ignored_columns))
     if unknown and settings.unknown_fields == "reject":
         raise BadRequest(f"unknown input(s) {unknown}; the model's inputs are {sorted(feats)}")
     columns: dict[str, list[Any]] = {}
     for fname, f in feats.items():
-        if fname in by_name:
+        if fname in by_name and isinstance(f, DateTimeColumn):
+            columns[fname] = _column(f, by_name[fname], settings.max_string_length)
+            try:
+                columns.update(timefeatures.derive_column(columns[fname], f))
+            except timefeatures.NotADateTime as e:
+                raise BadRequest(e.message) from None
+        elif fname in by_name:
             columns[fname] = _column(f, by_name[fname], settings.max_string_length)
         elif not f.nullable:
             raise BadRequest(f"input {fname!r} is required")
@@ -253,7 +287,7 @@ def _parse(
     n = lengths.pop() if lengths else 0
     if n == 0 or n > settings.max_records:
         raise BadRequest(f"a request holds 1 to {settings.max_records} records, this one {n}")
-    for fname in feats:
+    for fname in [*feats, *timefeatures.derived_names(m)]:
         columns.setdefault(fname, [None] * n)
     wanted = body.get("outputs")
     names = list(OUTPUTS)

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from onnx import numpy_helper
 
+from service.batch import with_time_features
 from service.bundle import Bundle
 from service.features import encode_columns
 from service.registry import Registry
@@ -54,6 +55,7 @@ class Retrained:
 def _scores(bundle: Bundle, df: pd.DataFrame) -> np.ndarray | None:
     """Default-type scores of ``df`` under ``bundle``; None if the data lacks its features."""
     feats = bundle.manifest.features
+    df = with_time_features(df, bundle.manifest)[0]
     if any(f.name not in df.columns for f in feats):
         return None
     cols = {f.name: column_values(df[f.name], f.name, f.kind)[1] for f in feats}
