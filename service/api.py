@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from service import tables, values
-from service.bundle import Bundle, Manifest, read_bundle
+from service import tables, timefeatures, values
+from service.bundle import Bundle, Manifest, client_fields, read_bundle
 from service.registry import Registry
 from service.scoring import Scored, Scorer, top_features
 from service.settings import Settings, load_settings
@@ -54,11 +54,27 @@ def score_type_of(m: Manifest, score_type: str | None) -> str:
 
 
 def check_schema(m: Manifest, column_names: list[str]) -> None:
-    """Raise SchemaError naming the required features a table lacks (a nullable one that is
-    absent is scored as missing)."""
-    required = [f.name for f in m.features if f.name not in column_names and not f.nullable]
+    """Raise SchemaError naming the required fields a table lacks (a nullable one that is
+    absent is scored as missing; a date-time field stands for the features derived from it)."""
+    fields = client_fields(m)
+    required = [n for n, (_, nullable) in fields.items() if n not in column_names and not nullable]
     if required:
         raise SchemaError(f"no column(s) {required}, which the model needs")
+
+
+def with_time_features(
+    frame: pd.DataFrame, m: Manifest, errors: dict[int, str] | None = None
+) -> pd.DataFrame:
+    """The frame with each date-time column's time features added (service/timefeatures.py);
+    a cell that is not a date-time is missing there, and added to ``errors`` (row -> why)."""
+    found: dict[int, str] = {} if errors is None else errors
+    for col in m.datetime_columns:
+        if col.name in frame.columns:
+            derived, bad = timefeatures.derive(frame[col.name].tolist(), col)
+            frame = frame.assign(**derived)
+            for i, e in bad:
+                found[i] = (found[i] + "; " if i in found else "") + f"{col.name}: {e.message}"
+    return frame
 
 
 def frame_columns(m: Manifest, frame: pd.DataFrame, errors: dict[int, str]) -> dict[str, Any]:
@@ -135,6 +151,7 @@ class Model:
         check_schema(self.manifest, list(map(str, frame.columns)))
         n = len(frame)
         errors = dict(bad)
+        frame = with_time_features(frame, self.manifest, errors)
         columns = frame_columns(self.manifest, frame, errors)
         ok = np.ones(n, dtype=bool)
         ok[list(errors)] = False

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from service.api import OUTPUTS, Model
-from service.bundle import Bundle, Manifest
+from service.bundle import Bundle, Manifest, client_fields
 
 FORMATS = {
     ".csv": "csv",
@@ -174,10 +174,7 @@ class Summary:
 
 
 def _id_columns(chunk: pd.DataFrame, m: Manifest, ids: list[str] | None, data: Path) -> list[str]:
-    """The id columns to copy (checked on the first chunk), the required feature columns there."""
-    absent = [f.name for f in m.features if f.name not in chunk.columns and not f.nullable]
-    if absent:
-        raise BatchError(f"{data}: no column(s) {absent}, which the model needs")
+    """The id columns to copy (checked on the first chunk)."""
     id_cols = ids if ids is not None else [c for c in m.ignored_columns if c in chunk.columns]
     unknown_ids = [c for c in id_cols if c not in chunk.columns]
     if unknown_ids:
@@ -234,7 +231,7 @@ def score_file(
         for chunk, bad in read_chunks(data, chunk_size):
             if summary.rows == 0:
                 id_cols = _id_columns(chunk, m, ids, data)
-                summary.missing_columns = [f.name for f in m.features if f.name not in chunk]
+                summary.missing_columns = [n for n in client_fields(m) if n not in chunk]
             chunk = chunk.reset_index(drop=True)
             scored, unusual = model.score_frame(chunk, bad, st)
             # a JSON Lines chunk may lack an id column (its records left it out): empty ids there

@@ -125,6 +125,34 @@ Feature = Annotated[
     NumericFeature | BooleanFeature | CategoricalFeature, Field(discriminator="kind")
 ]
 
+TimeFeature = Literal["hour_sin", "hour_cos", "dow_sin", "dow_cos"]
+
+
+class DateTimeColumn(_Strict):
+    """A date-time field that clients send as it is (an ISO 8601 string, or seconds or
+    milliseconds since 1970-01-01 UTC); service/timefeatures.py derives from it the numeric
+    features ``<name>.<derived>`` (time of day and day of week on the circle)."""
+
+    name: str
+    unit: Literal["iso", "epoch_s", "epoch_ms"]
+    timezone: Literal["local", "utc"] = Field(
+        "local",
+        description="local: the time of day as written (a value's own offset; UTC without "
+        "one); utc: a value with an offset is converted to UTC first",
+    )
+    nullable: bool = Field(description="missing values were seen in training")
+    derived: list[TimeFeature] = Field(min_length=1, description="derived features in the model")
+
+
+class ColumnUse(_Strict):
+    """How training used one column of its data (for people; the service does not need it)."""
+
+    name: str
+    type: str = Field(description="numeric, boolean, categorical, datetime, id, or - (unread)")
+    used: bool
+    transform: str = ""
+    reason: str = Field("", description="why it was left out, or a note")
+
 
 class Threshold(_Strict):
     """Alarm thresholds of one score type: a record is an anomaly when ``score > value``."""
@@ -220,6 +248,12 @@ class Manifest(_Strict):
     ignored_columns: list[str] = Field(
         default_factory=list, description="columns of the training data the model does not use"
     )
+    datetime_columns: list[DateTimeColumn] = Field(
+        default_factory=list, description="date-time fields the service derives features from"
+    )
+    columns: list[ColumnUse] = Field(
+        default_factory=list, description="every column of the training data and its fate"
+    )
     score_types: list[ScoreType] = Field(min_length=1)
     default_score: ScoreType
     target_fpr: float = Field(gt=0, lt=1)
@@ -246,6 +280,12 @@ class Manifest(_Strict):
             cols = sorted(f.column for f in self.features if input_of(f) == inp)
             if cols != list(range(len(cols))):
                 raise ValueError(f"{inp} columns must be 0..n-1 without gaps")
+        numeric = {f.name for f in self.features if f.kind == "numeric"}
+        for c in self.datetime_columns:
+            if c.name in names or c.name in self.ignored_columns:
+                raise ValueError(f"date-time column {c.name} is also a feature or ignored")
+            if not {f"{c.name}.{d}" for d in c.derived} <= numeric:
+                raise ValueError(f"date-time column {c.name}: derived features must be numeric")
         return self
 
     def n_inputs(self, name: str) -> int:
@@ -262,16 +302,31 @@ def schema_changes(old: Manifest, new: Manifest) -> list[str]:
     no longer be missing. Empty when clients are unaffected (a feature that may now be missing,
     new categories, thresholds and scaling are not changes to them). The one definition used
     by the service (reload), the registry (promote) and the retrain gate."""
-    before = {f.name: f for f in old.features}
-    after = {f.name: f for f in new.features}
-    out = [f"added {n!r} ({after[n].kind})" for n in after if n not in before]
-    out += [f"removed {n!r} ({before[n].kind})" for n in before if n not in after]
+    before, after = client_fields(old), client_fields(new)
+    out = [f"added {n!r} ({after[n][0]})" for n in after if n not in before]
+    out += [f"removed {n!r} ({before[n][0]})" for n in before if n not in after]
     for n in sorted(before.keys() & after.keys()):
-        a, b = before[n], after[n]
-        if a.kind != b.kind:
-            out.append(f"retyped {n!r} ({a.kind} -> {b.kind})")
-        elif a.nullable and not b.nullable:
+        (kind_a, nullable_a), (kind_b, nullable_b) = before[n], after[n]
+        if kind_a != kind_b:
+            out.append(f"retyped {n!r} ({kind_a} -> {kind_b})")
+        elif nullable_a and not nullable_b:
             out.append(f"{n!r} may no longer be missing")
+    return out
+
+
+def time_feature_name(column: str, derived: str) -> str:
+    """The name of a feature derived from a date-time field (service/timefeatures.py)."""
+    return f"{column}.{derived}"
+
+
+def client_fields(m: Manifest) -> dict[str, tuple[str, bool]]:
+    """The fields clients send, with their kind and whether they may be missing: a date-time
+    field (with its unit) in place of the time features derived from it."""
+    derived = {time_feature_name(c.name, d) for c in m.datetime_columns for d in c.derived}
+    out: dict[str, tuple[str, bool]] = {
+        f.name: (f.kind, f.nullable) for f in m.features if f.name not in derived
+    }
+    out.update({c.name: (f"datetime {c.unit}", c.nullable) for c in m.datetime_columns})
     return out
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from service import metrics, values
+from service import metrics, timefeatures, values
 from service.auth import check_api_key, require_api_key
 from service.bundle import (
     MISSING_TOKEN,
@@ -195,16 +195,20 @@ def records_to_columns(body: Any, m: Manifest, s: Settings, skip: bool = False) 
     bad = _batch_error(body, s)
     if bad is not None:
         raise bad
-    records = body["records"]
-    n = len(records)
-    fast = _fast_columns(records, m, s)
+    n = len(body["records"])
+    # date-time fields -> their time features, before validation; raw kept for the sink
+    records, raw, time_errors = timefeatures.derive_records(body["records"], m)
+    fast = None if time_errors else _fast_columns(records, m, s)
     if fast is not None:
-        return Parsed(fast, n, n)
+        return Parsed({**fast, **raw}, n, n)
+    by_record: dict[int, list[dict[str, Any]]] = {}
+    for e in time_errors:
+        by_record.setdefault(e["record"], []).append(e)
     rows: list[list[Any]] = []
     errors, invalid = _CappedErrors(), {}
     for i, rec in enumerate(records):
         row: list[Any] = [None] * len(m.features)
-        errs = _record_errors(rec, i, m, s, row)
+        errs = by_record.get(i, []) + _record_errors(rec, i, m, s, row)
         if errs:
             metrics.INVALID_RECORDS.labels(errs[0]["reason"]).inc()
             errors.extend(errs)
@@ -220,6 +224,7 @@ def records_to_columns(body: Any, m: Manifest, s: Settings, skip: bool = False) 
         raise InvalidRecords(f"{len(invalid)} of {n} records are invalid{more}", list(errors))
     names = [f.name for f in m.features]
     columns = {k: [r[j] for r in rows] for j, k in enumerate(names)}
+    columns.update({k: [v for i, v in enumerate(vs) if i not in invalid] for k, vs in raw.items()})
     return Parsed(columns, len(rows), n, invalid if skip else {})
 
 
@@ -295,13 +300,28 @@ def request_model(m: Manifest, max_records: int, max_string_length: int) -> type
     """A pydantic model of the score request for this bundle's features (for the OpenAPI
     schema only: validation is :func:`records_to_columns`, which accepts exactly this)."""
     fields: dict[str, Any] = {}
+    derived = timefeatures.derived_names(m)
     for f in m.features:
+        if f.name in derived:
+            continue  # sent as its date-time field, below
         typ, desc = _field_type(f, max_string_length), _field_doc(f)
         if f.nullable:
             fields[f.name] = (typ, Field(None, description=desc + "; may be null or left out"))
         else:
             desc += "; required (null is scored as unusual: it was never missing in training)"
             fields[f.name] = (typ, Field(..., description=desc))
+    for d in m.datetime_columns:
+        typ, desc = (
+            (Annotated[str, Field(max_length=timefeatures.MAX_LENGTH)], "ISO 8601 date-time")
+            if d.unit == "iso"
+            else (Annotated[float, Field(ge=-FLOAT_MAX, le=FLOAT_MAX)], f"{d.unit} number")
+        )
+        desc += f"; time of day and day of week are derived ({d.timezone} time)"
+        required = "; may be null or left out" if d.nullable else "; required (null is unusual)"
+        fields[d.name] = (
+            typ | None,
+            Field(None if d.nullable else ..., description=desc + required),
+        )
     for c in m.ignored_columns:
         fields[c] = (Any, Field(None, description="accepted and ignored (excluded in training)"))
     record = create_model(
@@ -532,6 +552,7 @@ async def model_info(scorer: ScorerDep) -> dict[str, Any]:
         "target_fpr": m.target_fpr,
         "thresholds": {k: v.model_dump() for k, v in m.thresholds.items()},
         "features": [f.model_dump() for f in m.features],
+        "datetime_columns": [c.model_dump() for c in m.datetime_columns],
         "ignored_columns": m.ignored_columns,
         "metrics": m.metrics,
         "data": m.data.model_dump(),

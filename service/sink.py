@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from service import metrics
+from service import metrics, timefeatures
 from service.bundle import BooleanFeature, Manifest
 
 log = logging.getLogger("vae_anomaly.sink")
@@ -74,12 +74,14 @@ class RecordSink:
         if not len(rows):
             return
         booleans = {f.name for f in manifest.features if isinstance(f, BooleanFeature)}
+        derived = timefeatures.derived_names(manifest)  # the raw date-time field is written
         ids = manifest.ignored_columns if records is not None else []
         out = []
         for i in rows:
             rec: dict[str, Any] = {
                 name: (None if col[i] is None else bool(col[i]) if name in booleans else col[i])
                 for name, col in columns.items()
+                if name not in derived
             }
             sent = records[i] if records is not None else None
             if isinstance(sent, dict):

@@ -16,9 +16,16 @@ from typing import Annotated, Any, Literal, get_args
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 
-from service import __version__, values
+from service import __version__, timefeatures, values
 from service.auth import require_api_key
-from service.bundle import BooleanFeature, CategoricalFeature, Manifest, NumericFeature, ScoreType
+from service.bundle import (
+    BooleanFeature,
+    CategoricalFeature,
+    DateTimeColumn,
+    Manifest,
+    NumericFeature,
+    ScoreType,
+)
 from service.errors import V2_ERROR_RESPONSES, BadRequest, NotFound
 from service.http import JSON, ScorerDep, SettingsDep, parse_body, read_body
 from service.http import score as score_with
@@ -37,6 +44,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "FP32": (-3.4028234663852886e38, 3.4028234663852886e38, False),
 }
 DATATYPES = frozenset(get_args(Datatype))
+NUMERIC_TYPES = DATATYPES - {"BOOL", "BYTES"}
 OUTPUTS = {"score": "FP64", "is_anomaly": "BOOL", "percentile": "FP64"}
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -73,10 +81,27 @@ class InferenceRequest(BaseModel):
     outputs: list[RequestedOutput] | None = None
 
 
-def _datatype(f: NumericFeature | BooleanFeature | CategoricalFeature) -> str:
+def _datatype(f: NumericFeature | BooleanFeature | CategoricalFeature | DateTimeColumn) -> str:
+    if isinstance(f, DateTimeColumn):
+        return "BYTES" if f.unit == "iso" else "FP64"
     if isinstance(f, NumericFeature):
         return "FP64"
     return "BOOL" if isinstance(f, BooleanFeature) else "BYTES"
+
+
+def _datatypes(
+    f: NumericFeature | BooleanFeature | CategoricalFeature | DateTimeColumn,
+) -> set[str]:
+    """The datatypes an input may have."""
+    return set(NUMERIC_TYPES) if _datatype(f) == "FP64" else {_datatype(f)}
+
+
+def _inputs(
+    m: Manifest,
+) -> list[NumericFeature | BooleanFeature | CategoricalFeature | DateTimeColumn]:
+    """What clients send: the features, a date-time field instead of its time features."""
+    derived = timefeatures.derived_names(m)
+    return [*(f for f in m.features if f.name not in derived), *m.datetime_columns]
 
 
 def _check_model(scorer: Scorer, name: str, version: str | None) -> None:
@@ -124,13 +149,18 @@ def _of_datatype(v: Any, dt: str) -> bool:
 
 
 def _column(
-    f: NumericFeature | BooleanFeature | CategoricalFeature, t: dict[str, Any], max_len: int
+    f: NumericFeature | BooleanFeature | CategoricalFeature | DateTimeColumn,
+    t: dict[str, Any],
+    max_len: int,
 ) -> list[Any]:
     """A feature's tensor as values, by the rules of service/values.py (whatever the datatype:
     ``BYTES`` ``["yes"]`` for a boolean, ``INT64`` for a categorical are values too)."""
     name, dt = f.name, t.get("datatype")
     if not isinstance(dt, str) or dt not in DATATYPES:
         raise BadRequest(f"input {name!r}: unknown datatype {dt!r}")
+    if isinstance(f, DateTimeColumn) and dt not in _datatypes(f):
+        allowed = " or ".join(sorted(_datatypes(f)))
+        raise BadRequest(f"input {name!r}: a date-time field is {allowed}, not {dt}")
     shape = t.get("shape")
     if (
         not isinstance(shape, list)
@@ -150,6 +180,9 @@ def _column(
             raise BadRequest(f"input {name!r}[{i}]: {type(v).__name__} in a {dt} tensor")
         if dt in RANGES and v is not None and not _fits(v, *RANGES[dt]):
             raise BadRequest(f"input {name!r}[{i}]: {v!r:.40} is not a {dt} value")
+        if isinstance(f, DateTimeColumn):
+            out.append(v)  # checked by timefeatures.derive_column
+            continue
         try:
             out.append(values.parse(f.kind, v, max_len))
         except values.Invalid as e:
@@ -199,7 +232,7 @@ async def model_metadata(
         "name": m.name,
         "versions": [m.version],
         "platform": "onnxruntime_onnx",
-        "inputs": [{"name": f.name, "datatype": _datatype(f), "shape": [-1]} for f in m.features],
+        "inputs": [{"name": f.name, "datatype": _datatype(f), "shape": [-1]} for f in _inputs(m)],
         "outputs": [{"name": k, "datatype": v, "shape": [-1]} for k, v in OUTPUTS.items()],
     }
 
@@ -247,13 +280,19 @@ def _parse(
         if tname in by_name:
             raise BadRequest(f"input {tname!r} is given twice")
         by_name[tname] = t
-    feats = {f.name: f for f in m.features}
+    feats = {f.name: f for f in _inputs(m)}
     unknown = sorted(set(by_name) - set(feats) - set(m.ignored_columns))
     if unknown and settings.unknown_fields == "reject":
         raise BadRequest(f"unknown input(s) {unknown}; the model's inputs are {sorted(feats)}")
     columns: dict[str, list[Any]] = {}
     for fname, f in feats.items():
-        if fname in by_name:
+        if fname in by_name and isinstance(f, DateTimeColumn):
+            columns[fname] = _column(f, by_name[fname], settings.max_string_length)
+            try:
+                columns.update(timefeatures.derive_column(columns[fname], f))
+            except timefeatures.NotADateTime as e:
+                raise BadRequest(e.message) from None
+        elif fname in by_name:
             columns[fname] = _column(f, by_name[fname], settings.max_string_length)
         elif not f.nullable:
             raise BadRequest(f"input {fname!r} is required")
@@ -263,7 +302,7 @@ def _parse(
     n = lengths.pop() if lengths else 0
     if n == 0 or n > settings.max_records:
         raise BadRequest(f"a request holds 1 to {settings.max_records} records, this one {n}")
-    for fname in feats:
+    for fname in [*feats, *timefeatures.derived_names(m)]:
         columns.setdefault(fname, [None] * n)
     wanted = body.get("outputs")
     names = list(OUTPUTS)

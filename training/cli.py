@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from service.cli import add_commands, add_serve_arguments
 
 if TYPE_CHECKING:
+    from service.bundle import Manifest
     from service.registry import Registry
     from training.config import TrainConfig
     from training.train import Result
@@ -61,8 +62,24 @@ def summary(r: Result) -> str:
             )
         )
     lines.append(f"onnxruntime vs torch: max relative difference {m.model.max_rel_diff:.1e}")
+    lines += column_lines(m)
     lines.append(f"report: {r.path / 'report.html'}")
     return "\n".join(lines)
+
+
+def column_lines(m: Manifest) -> list[str]:
+    """One line per column of the training data: used or left out, its type, how, why."""
+    if not m.columns:
+        return []
+    width = max(len(c.name) for c in m.columns)
+    used = sum(c.used for c in m.columns)
+    lines = [f"columns: {used} of {len(m.columns)} used"]
+    for c in m.columns:
+        how = "; ".join(x for x in (c.transform, c.reason) if x)
+        lines.append(
+            f"  {c.name:<{width}}  {c.type:<11}  {'used' if c.used else 'left out':<8}  {how}"
+        )
+    return lines
 
 
 def _config(a: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:

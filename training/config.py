@@ -9,13 +9,50 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-ColumnType = Literal["numeric", "categorical", "boolean"]
+ColumnType = Literal["numeric", "categorical", "boolean", "datetime"]
+TRANSFORMS = {"numeric": ("none", "log"), "datetime": ("cyclical", "drop")}
 
 
 @dataclass
 class ColumnConfig:
     type: ColumnType | None = None  # None: inferred from the data
-    transform: Literal["none", "log"] | None = None  # numeric only; None: chosen from skewness
+    # numeric: none or log (None: chosen from skewness); datetime: cyclical (time features) or
+    # drop (left out of the model)
+    transform: Literal["none", "log", "cyclical", "drop"] | None = None
+    unit: Literal["iso", "epoch_s", "epoch_ms"] | None = None  # datetime: None = ISO 8601
+    timezone: Literal["local", "utc"] | None = None  # datetime: None = local (see timefeatures)
+
+    def check(self, name: str) -> None:
+        """Raise ValueError naming the column and the setting that is wrong."""
+
+        def bad(what: str) -> ValueError:
+            return ValueError(f"config: column {name!r}: {what}")
+
+        if self.type not in (None, "numeric", "categorical", "boolean", "datetime"):
+            raise bad("type must be numeric, categorical, boolean or datetime")
+        if self.unit not in (None, "iso", "epoch_s", "epoch_ms"):
+            raise bad("unit must be iso, epoch_s or epoch_ms")
+        if self.timezone not in (None, "local", "utc"):
+            raise bad("timezone must be local or utc")
+        if (self.unit or self.timezone) and self.type not in (None, "datetime"):
+            raise bad("unit and timezone are for datetime columns")
+        if self.transform is None:
+            return
+        kind = self.type or (
+            "datetime"
+            if self.unit or self.timezone or self.transform in ("cyclical", "drop")
+            else "numeric"
+        )
+        if self.transform not in TRANSFORMS.get(kind, ()):
+            allowed = " or ".join(f"{', '.join(t)} ({k})" for k, t in TRANSFORMS.items())
+            raise bad(f"transform {self.transform!r} does not fit; use {allowed}")
+
+    @property
+    def datetime(self) -> bool:
+        """Configured as a date-time column (by its type, or a date-time setting)."""
+        return self.type == "datetime" or bool(
+            self.unit or self.timezone or self.transform in ("cyclical", "drop")
+        )
 
 
 @dataclass
@@ -27,6 +64,12 @@ class TrainConfig:
     columns: dict[str, ColumnConfig] = field(default_factory=dict)
     max_categories: int = 100  # most frequent values kept per categorical; the rest -> unknown
     min_category_count: int = 2  # rarer values -> unknown
+    # id-like columns are left out of the model (and kept as ids for bulk scoring): integers or
+    # strings with at least this share of distinct values ...
+    id_distinct_share: float = 0.95
+    # ... or strings with more values than max_categories that would put more than this share
+    # of the records in the unknown slot
+    id_unknown_share: float = 0.1
     validation_fraction: float = 0.1  # early stopping
     calibration_fraction: float = 0.2  # threshold and normal-score distribution
     # model (None = sized from the number of inputs)
@@ -73,11 +116,26 @@ class TrainConfig:
             raise bad(f"hidden must be a non-empty list of positive sizes, got {self.hidden}")
         if self.lr <= 0 or self.beta < 0 or self.min_std <= 0:
             raise bad("lr and min_std must be > 0, beta >= 0")
+        for name, share in (
+            ("id_distinct_share", self.id_distinct_share),
+            ("id_unknown_share", self.id_unknown_share),
+        ):
+            if not 0 < share <= 1:
+                raise bad(f"{name} must be in (0, 1], got {share}")
         if self.default_score not in ("elbo", "recon", "iwae"):
             raise bad(f"default_score must be elbo, recon or iwae, got {self.default_score!r}")
+        for name, c in self.columns.items():
+            c.check(name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _column(name: str, settings: Any) -> ColumnConfig:
+    known = [f.name for f in dataclasses.fields(ColumnConfig)]
+    if not isinstance(settings, dict) or not set(settings) <= set(known):
+        raise ValueError(f"config: column {name!r}: a table of settings among {known}")
+    return ColumnConfig(**settings)
 
 
 def load_config(
@@ -95,6 +153,9 @@ def load_config(
         type = "numeric"
         [columns.amount]
         transform = "log"
+        [columns.sent_at]
+        type = "datetime"
+        unit = "epoch_ms"
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -115,16 +176,8 @@ def load_config(
         raise ValueError(f"config: unknown setting(s) {unknown}; known: {sorted(known)}")
     cols = raw.pop("columns", {}) or {}
     try:
-        columns = {str(k): ColumnConfig(**v) for k, v in cols.items()}
-        cfg = TrainConfig(**raw, columns=columns)
+        cfg = TrainConfig(**raw, columns={str(k): _column(str(k), v) for k, v in cols.items()})
     except TypeError as e:
         raise ValueError(f"config: {e}") from e
-    for name, c in cfg.columns.items():
-        if c.type not in (None, "numeric", "categorical", "boolean"):
-            raise ValueError(
-                f"config: column {name!r}: type must be numeric, categorical or boolean"
-            )
-        if c.transform not in (None, "none", "log"):
-            raise ValueError(f"config: column {name!r}: transform must be none or log")
     cfg.validate()
     return cfg

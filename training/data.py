@@ -19,9 +19,13 @@ from service.bundle import (
     UNKNOWN_TOKEN,
     BooleanFeature,
     CategoricalFeature,
+    ColumnUse,
+    DateTimeColumn,
     NumericFeature,
 )
 from service.values import Invalid
+from training.columns import finish as columns_report
+from training.columns import plan as columns_plan
 from training.config import TrainConfig
 
 Feature = NumericFeature | BooleanFeature | CategoricalFeature
@@ -71,7 +75,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         elif kind == "parquet":
             df = pd.read_parquet(p)
         else:
-            df = pd.read_json(p, lines=True)
+            df = pd.read_json(p, lines=True, dtype=False)  # no guessing of date-times by name
     except Exception as e:  # each reader has its own error types
         raise DataError(f"{p}: cannot read it as {kind.upper()}: {e}") from e
     if len(df.columns) == 0 or len(df) == 0:
@@ -150,7 +154,9 @@ class Prepared:
     val_idx: np.ndarray
     calib_idx: np.ndarray
     warnings: list[str]
-    ignored: list[str]  # columns not used: excluded, the label, dropped
+    ignored: list[str]  # columns not used: excluded, the label, ids, dropped
+    datetimes: list[DateTimeColumn]  # date-time columns the model derives features from
+    report: list[ColumnUse]  # every column of the data: used or not, how, why
 
     @property
     def n_anomalies(self) -> int:
@@ -196,6 +202,9 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
             f"{len(normal)} normal record(s); at least {MIN_ROWS} are needed to "
             "train, validate and calibrate"
         )
+    plan = columns_plan(normal, anomalous, cfg)  # date-times -> time features; ids out
+    normal, anomalous, notes = plan.normal, plan.anomalous, plan.notes
+    dropped: dict[str, tuple[str, str]] = {}  # column -> (type, why), for the column report
 
     rng = np.random.default_rng(cfg.seed)
     perm = rng.permutation(len(normal))
@@ -210,8 +219,8 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
     specs: list[tuple[str, dict[str, Any]]] = []  # (kind, fields) of each kept column
     columns: dict[str, np.ndarray] = {}
     anomalies: dict[str, np.ndarray] = {}
-    for name in used:
-        cc = cfg.columns.get(name)
+    for name in normal.columns:
+        cc = plan.overrides.get(name) or cfg.columns.get(name)
         kind, values = column_values(normal[name], name, cc.type if cc else None)
         if kind == "categorical":
             missing = np.array([v is None for v in values])
@@ -229,6 +238,7 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
             present = tr[~tr_missing].astype(float)
             if len(np.unique(present)) <= 1:
                 notes.append(f"column {name!r} is constant; dropped")
+                dropped[name] = (kind, "constant")
                 continue
             transform = cc.transform if cc and cc.transform else None
             if transform is None:
@@ -249,6 +259,7 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
             rate = float(present.mean())
             if rate in (0.0, 1.0) and not tr_missing.any():
                 notes.append(f"column {name!r} is constant; dropped")
+                dropped[name] = (kind, "constant")
                 continue
             spec.update(rate=rate)
         else:
@@ -257,12 +268,14 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
             kept = kept[: cfg.max_categories]
             if len(counts) <= 1 and not tr_missing.any():
                 notes.append(f"column {name!r} is constant; dropped")
+                dropped[name] = (kind, "constant")
                 continue
             if not kept:
                 notes.append(
                     f"column {name!r}: no value repeats (an id?); dropped — exclude it "
                     f"with --exclude {name}"
                 )
+                dropped[name] = (kind, "no value repeats")
                 continue
             if len(counts) > len(kept):
                 folded = int(counts.iloc[len(kept) :].sum())  # counts is sorted, kept a prefix
@@ -297,6 +310,7 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
         features += [
             cls(column=first + i, **sp) for i, sp in enumerate(sp for k, sp in specs if k == kind)
         ]
+    datetimes, report = columns_report(plan, list(map(str, df.columns)), features, dropped, cfg)
     return Prepared(
         features=features,
         columns=columns,
@@ -305,5 +319,7 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
         val_idx=val_idx,
         calib_idx=calib_idx,
         warnings=notes,
-        ignored=[c for c in map(str, df.columns) if c not in columns],
+        ignored=[c.name for c in report if not c.used],
+        datetimes=datetimes,
+        report=report,
     )

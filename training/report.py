@@ -108,6 +108,21 @@ def write(
     (folder / "report.html").write_text(
         f"<!doctype html><meta charset='utf-8'><title>{html.escape(m.name)} training report"
         f"</title><h1>{html.escape(m.name)} {html.escape(m.version)}</h1>"
-        f"<table>{table}</table>{imgs}\n",
+        f"<table>{table}</table>{column_table(m)}{imgs}\n",
         encoding="utf-8",
     )
+
+
+def column_table(m: Manifest) -> str:
+    """Every column of the training data: used or left out, its type, how, why."""
+    head = "".join(f"<th>{h}</th>" for h in ("column", "used", "type", "transform", "reason"))
+    rows = "\n".join(
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(v)}</td>"
+            for v in (c.name, "yes" if c.used else "no", c.type, c.transform, c.reason)
+        )
+        + "</tr>"
+        for c in m.columns
+    )
+    return f"<h2>Columns</h2><table id='columns'><tr>{head}</tr>\n{rows}</table>"

@@ -48,6 +48,7 @@ import pandas as pd
 import torch
 from onnx import numpy_helper
 
+from service.api import with_time_features
 from service.bundle import Bundle, Manifest, read_bundle, schema_changes
 from service.drift_report import drift_table
 from service.features import encode_columns
@@ -118,6 +119,7 @@ class NewData:
 def _scores(bundle: Bundle, df: pd.DataFrame) -> np.ndarray | None:
     """Default-type scores of ``df`` under ``bundle``; None if the data lacks its features."""
     feats = bundle.manifest.features
+    df = with_time_features(df, bundle.manifest)
     if any(f.name not in df.columns for f in feats):
         return None
     cols = {f.name: column_values(df[f.name], f.name, f.kind)[1] for f in feats}

@@ -292,6 +292,8 @@ def train_bundle(
             parent_version=parent_version,
             features=prep.features,
             ignored_columns=prep.ignored,
+            datetime_columns=prep.datetimes,
+            columns=prep.report,
             score_types=list(SCORE_TYPES),
             default_score=cfg.default_score,
             target_fpr=cfg.target_fpr,
