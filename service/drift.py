@@ -62,6 +62,7 @@ class Buckets:
 
     def __init__(self, features: Sequence[AnyFeature], refs: Sequence[BucketReference]) -> None:
         by_name = {f.name: f for f in features}
+        n_num = sum(1 for f in features if input_of(f) == "x_num")
         self.labels: list[tuple[str, str]] = []  # (feature, bucket) of each id
         num: list[tuple[int, int, list[float]]] = []  # (column, first id, edges)
         cat: list[tuple[int, np.ndarray]] = []  # (column, ids by category index)
@@ -78,6 +79,7 @@ class Buckets:
         for i, (_, _, e) in enumerate(num):
             self.edges[i, : len(e)] = e
         self.num_cols = np.array([c for c, _, _ in num], dtype=np.intp)
+        self.all_num = [c for c, _, _ in num] == list(range(n_num))  # no column to pick
         self.num_first = np.array([s for _, s, _ in num], dtype=np.intp)
         self.num_missing = np.array([s + len(e) + 1 for _, s, e in num], dtype=np.intp)
         self.cat_cols = np.array([c for c, _ in cat], dtype=np.intp)
@@ -87,7 +89,7 @@ class Buckets:
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         parts = []
         if len(self.num_cols):
-            x = inputs["x_num"][:, self.num_cols]
+            x = inputs["x_num"] if self.all_num else inputs["x_num"][:, self.num_cols]
             below = (x[:, :, None] > self.edges).sum(axis=2)
             parts.append(np.where(np.isnan(x), self.num_missing, below + self.num_first).ravel())
         if len(self.cat_cols):
@@ -240,7 +242,8 @@ class DriftCounter:
         a counter's first increment is only seen by Prometheus if the series existed)."""
         self.children = []
         for counter, gauge, labels, share in self._series():
-            self.children.append(counter.labels(*labels))
+            # the child's value: what .inc() adds to after its checks (amounts here are > 0)
+            self.children.append(counter.labels(*labels)._value)
             if gauge is not None:
                 gauge.labels(*labels).set(share)
 
