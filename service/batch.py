@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from service import tables
 from service.bundle import Bundle, read_bundle
+from service.cpus import usable_cpus
 from service.features import Encoder, Percentiles
 from service.registry import Registry
 from service.runtime import OnnxModel
@@ -112,6 +113,7 @@ class Summary:
     seconds: float = 0.0
     unreadable: dict[str, int] = field(default_factory=dict)  # column -> values scored missing
     missing_columns: list[str] = field(default_factory=list)
+    threads: int = 0  # onnxruntime threads
 
     @property
     def rows_per_second(self) -> float:
@@ -137,9 +139,10 @@ def score_file(
     if out.resolve() == data.resolve():
         raise BatchError("--out must not be the input file")
     encode, percentile = Encoder(m.features), Percentiles(m)
-    model = OnnxModel(bundle.model_path, intra_op_threads=threads or (os.cpu_count() or 1))
+    threads = threads or usable_cpus()  # not os.cpu_count(): the host's, beyond a quota
+    model = OnnxModel(bundle.model_path, intra_op_threads=threads)
     thr = m.thresholds[st].value
-    summary = Summary()
+    summary = Summary(threads=threads)
     id_cols: list[str] = []
     writer = Writer(out)
     bar: Any = None

@@ -45,7 +45,8 @@ def summary(r: Result) -> str:
         f"features: {len(kinds)} ({kinds.count('numeric')} numeric, {kinds.count('boolean')} "
         f"boolean, {kinds.count('categorical')} categorical)",
         f"epochs: kept {m.metrics['best_epoch']} of {m.metrics['epochs_run']} "
-        f"({m.metrics['train_seconds']:.1f} s); validation loss {m.metrics['validation_loss']:.4f}",
+        f"({m.metrics['train_seconds']:.1f} s, {m.metrics['threads']} torch thread(s)); "
+        f"validation loss {m.metrics['validation_loss']:.4f}",
         f"thresholds for a {m.target_fpr:g} false-positive rate: "
         + ", ".join(f"{s}={m.thresholds[s].value:.4f}" for s in m.score_types)
         + f" (default score: {m.default_score})",
@@ -75,6 +76,7 @@ def _config(a: argparse.Namespace) -> TrainConfig:
         seed=a.seed,
         label_column=a.label_column,
         name=a.name,
+        threads=a.threads,
     )
     if a.exclude:
         cfg.exclude = [*cfg.exclude, *a.exclude]
@@ -261,6 +263,12 @@ def _training_options(t: argparse.ArgumentParser) -> None:
         help="0/1 column; rows with 1 are kept out of training and used to evaluate",
     )
     t.add_argument("--name", help="model name (default: the data file's name)")
+    t.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: 1, or more for a large model when the CPUs are free to "
+        "use; see README)",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
