@@ -4,15 +4,24 @@
 
 Two models: ``small`` (6 numeric columns, 8,000 rows, 30 epochs) and ``large`` (30 mixed
 columns, 100,000 rows, 3 epochs), both from bench/run.py's telemetry generator. Each fit runs
-in its own process (thread settings are per process), first on the machine as it is ("idle"),
-then beside ``--spinners`` busy-looping processes per usable CPU at ``nice +5`` relative to the
-fits (a batch job, a test run, a noisy neighbour). Thread settings (``--modes``):
+in its own process (thread settings are per process), in rounds that alternate between the
+machine as it is ("idle") and beside ``--spinners`` busy-looping processes per usable CPU at
+``nice +5`` relative to the fits ("busy": a batch job, a test run, a noisy neighbour).
+Thread settings (``--modes``):
 
 - ``default``: what ``vae-anomaly train`` chooses when given no ``--threads``;
 - ``torch``: torch's own default (one thread per core: what training used before);
 - ``1``, ``2``: that many torch threads;
 - ``2-passive``: 2 threads with ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep at barriers
   instead of spinning).
+
+Linux with autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``) shares the CPUs
+between sessions first, and niceness only orders processes within a session: the spinners are
+started from this process, in its session, so that they are lower-priority neighbours of the
+fits. On a machine shared with other sessions, give this one more weight so that their load
+does not swamp the experiment (root)::
+
+    setsid sh -c 'echo -10 > /proc/self/autogroup; exec python bench/busy_training.py'
 
 Prints per case and mode the median seconds per whole ``train_bundle`` (fit, export, check,
 calibration) idle and busy, every busy run, and busy/idle. Spinners live at most as long as the
@@ -118,17 +127,16 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
         p.wait()
 
 
-def phase(cases: list[str], modes: list[str], runs: int, timeout: float) -> dict[Any, list[Any]]:
-    """Every (case, mode) ``runs`` times, the modes interleaved so that noise spreads evenly."""
-    times: dict[Any, list[Any]] = {(c, m): [] for c in cases for m in modes}
+def one_round(
+    cases: list[str], modes: list[str], timeout: float, times: dict[Any, list[Any]]
+) -> None:
+    """Every (case, mode) once, appending each fit's seconds (None: cut at ``timeout``)."""
     for case in cases:
-        for _ in range(runs):
-            for mode in modes:
-                t = run_fit(case, mode, timeout)
-                times[case, mode].append(t)
-                if t is None:
-                    print(f"  {case:5} {mode:9} >{timeout:.0f} s")
-    return times
+        for mode in modes:
+            t = run_fit(case, mode, timeout)
+            times[case, mode].append(t)
+            if t is None:
+                print(f"  {case:5} {mode:9} >{timeout:.0f} s")
 
 
 def fmt(t: float | None, timeout: float) -> str:
@@ -174,17 +182,20 @@ def main() -> int:
     cases = ["small"] if a.quick else a.cases.split(",")
     modes, runs = a.modes.split(","), 2 if a.quick else a.runs
     cpus = usable_cpus()
-    print(f"usable CPUs {cpus}; {a.spinners} spinners per CPU at nice +5; {runs} runs")
-    print("idle (the machine as it is):")
-    idle = phase(cases, modes, runs, a.timeout)
-    budget = a.timeout * len(cases) * len(modes) * runs + 60
+    print(f"usable CPUs {cpus}; fits at nice {os.nice(0)}, {a.spinners} spinners per CPU 5 above")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` runs
-    spinners = start_spinners(a.spinners * cpus, budget)
-    try:
-        print("busy:")
-        busy = phase(cases, modes, runs, a.timeout)
-    finally:
-        stop(spinners)
+    idle: dict[Any, list[Any]] = {(c, m): [] for c in cases for m in modes}
+    busy: dict[Any, list[Any]] = {(c, m): [] for c in cases for m in modes}
+    budget = a.timeout * len(cases) * len(modes) + 60
+    for r in range(runs):  # idle and busy rounds alternate, so that drift hits both alike
+        print(f"round {r + 1}, idle (the machine as it is):")
+        one_round(cases, modes, a.timeout, idle)
+        print(f"round {r + 1}, busy:")
+        spinners = start_spinners(a.spinners * cpus, budget)
+        try:
+            one_round(cases, modes, a.timeout, busy)
+        finally:
+            stop(spinners)
     print(table(idle, busy, a.timeout))
     return 0
 

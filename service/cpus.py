@@ -10,6 +10,18 @@ it waits), so work that took 12 s can take minutes.
 The quota is rounded down (1.5 CPUs -> 1 thread: a second thread would run only half the time).
 Parent cgroups are read too, since their limits bind their children. No limit found -> the
 affinity mask alone. Always at least 1.
+
+Bulk scoring (``vae-anomaly score``) runs one onnxruntime thread per usable CPU.
+
+Training runs ``TRAINING_THREADS`` = 1 torch thread unless ``--threads`` (config ``threads``)
+says otherwise. Measured by bench/busy_training.py (bench/results/busy_training.md), whole
+trainings of the smallest and largest models the sizing rule makes (6 columns x 8,000 rows; 30
+columns x 100,000 rows; 256 columns x 20,000 rows, hidden layers 512 and 256) were no faster with
+a second thread even on an idle machine (the layers are too small for the work split to pay
+for its barriers), torch's default (a thread per core) was 1.5-4x slower as soon as anything
+else ran beside it, and with busy lower-priority neighbours 1 thread stayed at about the
+fair-share slowdown. So the model's size does not change the choice, and neither does the
+number of usable CPUs (which only matters to bulk scoring).
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 V1_MOUNTS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
+TRAINING_THREADS = 1  # torch threads when the config does not say; see above
 
 
 def affinity_cpus() -> int:
@@ -112,8 +125,3 @@ def _ratio(quota: str, period: str) -> float | None:
     except ValueError:
         return None
     return q / p if q > 0 and p > 0 else None
-
-
-def training_threads(rows: int, width: int, cpus: int | None = None) -> int:
-    """torch threads for fitting a model of ``width`` inputs on ``rows`` rows (provisional)."""
-    return 1

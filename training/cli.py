@@ -348,6 +348,10 @@ TRAIN_ONLY = {"torch", "pandas", "pyarrow", "onnx", "onnxscript", "tqdm", "matpl
 
 
 def main(argv: list[str] | None = None) -> int:
+    # before torch loads OpenMP: with --threads N > 1, threads that wait at a barrier sleep
+    # instead of spinning, which costs little idle and keeps a fit beside busy processes from
+    # slowing down many times over (bench/busy_training.py)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -42,7 +42,7 @@ from service.bundle import (
     sha256_file,
     write_bundle_atomic,
 )
-from service.cpus import training_threads
+from service.cpus import TRAINING_THREADS
 from service.features import encode_columns
 from service.registry import new_version
 from service.runtime import OnnxModel
@@ -223,7 +223,7 @@ def train_bundle(
     layout = layout_of(prep.features)
     normal = encode_columns(prep.features, prep.columns).inputs
     x_num, x_cat = _tensors(_rows(normal, prep.train_idx))
-    threads = cfg.threads or training_threads(len(prep.train_idx), layout.in_dim)
+    threads = cfg.threads or TRAINING_THREADS
     torch.set_num_threads(threads)
     val_inputs = _rows(normal, prep.val_idx)
     pre, vae, hist = fit(layout, x_num, x_cat, _tensors(val_inputs), cfg, progress, init_weights)
