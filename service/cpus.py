@@ -17,10 +17,11 @@ Training runs ``TRAINING_THREADS`` = 1 torch thread unless ``--threads`` (config
 says otherwise. Measured by bench/busy_training.py (bench/results/busy_training.md), whole
 trainings of the smallest and largest models the sizing rule makes (6 columns x 8,000 rows; 30
 columns x 100,000 rows; 256 columns x 20,000 rows, hidden layers 512 and 256) were no faster with
-a second thread even on an idle machine (the layers are too small for the work split to pay
-for its barriers), torch's default (a thread per core) was 1.5-4x slower as soon as anything
-else ran beside it, and with busy lower-priority neighbours 1 thread stayed at about the
-fair-share slowdown. So the model's size does not change the choice, and neither does the
+a second thread without neighbours (the layers are too small for the work split to pay for its
+barriers); torch's default (a thread per core, spinning at barriers) was 1.4-3.6x slower, or
+past 90 s, as soon as other work shared the cores, and beside busy lower-priority processes
+1 thread stayed near the fair-share slowdown (1.7x; 3.2-3.5x with a shared machine's load on
+top). So the model's size does not change the choice, and neither does the
 number of usable CPUs (which only matters to bulk scoring).
 """
 

@@ -266,8 +266,8 @@ def _training_options(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--threads",
         type=int,
-        help="torch threads (default: 1, or more for a large model when the CPUs are free to "
-        "use; see README)",
+        help="torch threads (default 1: more only help large models beside busy processes; "
+        "see README, Threads)",
     )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
