@@ -24,9 +24,9 @@ does not swamp the experiment (root)::
     setsid sh -c 'echo -10 > /proc/self/autogroup; exec python bench/busy_training.py'
 
 Prints per case and mode the median seconds per whole ``train_bundle`` (fit, export, check,
-calibration) idle and busy, every busy run, and busy/idle. Spinners live at most as long as the
-busy phase's budget and are killed on exit, Ctrl-C and SIGTERM included. Each fit is cut at
-``--timeout`` seconds (reported as ">T").
+calibration) idle and busy, every busy run, and busy over the case's best idle median.
+Spinners live at most as long as a busy round's budget and are killed on exit, Ctrl-C and
+SIGTERM included. Each fit is cut at ``--timeout`` seconds (reported as ">T").
 """
 
 from __future__ import annotations
