@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from service.api import OUTPUTS, Model
 from service.bundle import Bundle, Manifest, client_fields
+from service.cpus import usable_cpus
 
 FORMATS = {
     ".csv": "csv",
@@ -167,6 +168,7 @@ class Summary:
     seconds: float = 0.0
     unusual: dict[str, int] = field(default_factory=dict)  # column -> unusual values
     missing_columns: list[str] = field(default_factory=list)
+    threads: int = 0  # onnxruntime threads
 
     @property
     def rows_per_second(self) -> float:
@@ -217,8 +219,9 @@ def score_file(
         raise BatchError(f"score type {st!r} is not one of {m.score_types}")
     if out.resolve() == data.resolve():
         raise BatchError("--out must not be the input file")
-    model = Model(bundle, threads=threads or (os.cpu_count() or 1))
-    summary = Summary()
+    threads = threads or usable_cpus()  # not os.cpu_count(): the host's, beyond a quota
+    model = Model(bundle, threads=threads)
+    summary = Summary(threads=threads)
     id_cols: list[str] = []
     writer = Writer(out)
     bar: Any = None

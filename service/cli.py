@@ -292,7 +292,7 @@ def cmd_score(a: argparse.Namespace) -> int:
     m = bundle.manifest
     print(
         f"scored {s.rows} records with {m.name} {m.version} in {s.seconds:.1f} s "
-        f"({s.rows_per_second:,.0f} rows/s); {s.anomalies} anomalies "
+        f"({s.rows_per_second:,.0f} rows/s, {s.threads} thread(s)); {s.anomalies} anomalies "
         f"({s.anomalies / s.rows:.2%}); written to {a.out}"
     )
     if s.missing_columns:
@@ -384,7 +384,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     b.add_argument("--score", choices=["elbo", "recon", "iwae"], help="score type")
     b.add_argument("--chunk-size", type=int, default=100_000, help="records per chunk")
-    b.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="onnxruntime threads (0: the CPUs this process may use)",
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.add_argument(
         "--engine",

@@ -29,7 +29,7 @@ EPOCHS = 40  # small and quick; early stopping may end sooner
 
 
 def small_config(**kw: object) -> TrainConfig:
-    base: dict[str, object] = {"exclude": ["transaction_id"], "epochs": EPOCHS, "threads": 2}
+    base: dict[str, object] = {"exclude": ["transaction_id"], "epochs": EPOCHS}
     base.update(kw)
     return TrainConfig(**base)  # type: ignore[arg-type]
 

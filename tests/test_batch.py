@@ -151,3 +151,21 @@ def test_scores_with_a_registry_serving_version(bundle_dir: Path, tmp_path: Path
     write(generate_payments(100, seed=103), data)
     assert main(["score", str(reg.root), str(data), "--out", str(out), "--quiet"]) == 0
     assert len(read(out)) == 100
+
+
+def test_threads_follow_the_cpus_the_process_may_use(bundle_dir: Path, tmp_path: Path) -> None:
+    """By default as many onnxruntime threads as usable CPUs (here: the affinity mask that
+    `taskset` sets), not os.cpu_count(); --threads overrides."""
+    from service.cpus import usable_cpus
+
+    data, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    write(generate_payments(50, seed=104), data)
+    base = [cli_executable(), "score", str(bundle_dir), str(data), "--out", str(out), "--quiet"]
+    for prefix, extra, threads in (
+        ([], [], usable_cpus()),
+        (["taskset", "-c", "0"], [], 1),
+        (["taskset", "-c", "0"], ["--threads", "2"], 2),
+    ):
+        r = subprocess.run([*prefix, *base, *extra], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert f"rows/s, {threads} thread(s))" in r.stdout, (prefix, extra, r.stdout)

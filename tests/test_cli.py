@@ -206,3 +206,31 @@ def test_existing_output_is_not_overwritten_without_asking(
     assert read_bundle(out).manifest.version == first
     assert run(capsys, "train", str(data), "--out", str(out), *FAST, "--overwrite")[0] == 0
     assert read_bundle(out).manifest.version != first
+
+
+def test_training_threads_are_chosen_unless_given(
+    small_df: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --threads: the count the rule gives for this model (torch's own default would be one
+    per core); --threads N: N. The count used is recorded in the manifest and printed."""
+    import torch
+
+    data = tmp_path / "d.csv"
+    small_df.to_csv(data, index=False)
+    code, out, err = run(capsys, "train", str(data), "--out", str(tmp_path / "a"), *FAST)
+    assert code == 0, err
+    m = read_bundle(tmp_path / "a").manifest
+    assert m.config["threads"] is None
+    assert m.metrics["threads"] == torch.get_num_threads() == 1
+    assert "1 torch thread(s)" in out
+    code, out, err = run(
+        capsys, "train", str(data), "--out", str(tmp_path / "b"), *FAST, "--threads", "3"
+    )
+    assert code == 0, err
+    m = read_bundle(tmp_path / "b").manifest
+    assert m.config["threads"] == m.metrics["threads"] == torch.get_num_threads() == 3
+    assert "3 torch thread(s)" in out
+    code, _, err = run(
+        capsys, "train", str(data), "--out", str(tmp_path / "c"), *FAST, "--threads", "0"
+    )
+    assert code == 2 and "threads must be >= 1" in err

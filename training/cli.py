@@ -47,7 +47,8 @@ def summary(r: Result) -> str:
         f"features: {len(kinds)} ({kinds.count('numeric')} numeric, {kinds.count('boolean')} "
         f"boolean, {kinds.count('categorical')} categorical)",
         f"epochs: kept {m.metrics['best_epoch']} of {m.metrics['epochs_run']} "
-        f"({m.metrics['train_seconds']:.1f} s); validation loss {m.metrics['validation_loss']:.4f}",
+        f"({m.metrics['train_seconds']:.1f} s, {m.metrics['threads']} torch thread(s)); "
+        f"validation loss {m.metrics['validation_loss']:.4f}",
         f"thresholds for a {m.target_fpr:g} false-positive rate: "
         + ", ".join(f"{s}={m.thresholds[s].value:.4f}" for s in m.score_types)
         + f" (default score: {m.default_score})",
@@ -94,6 +95,7 @@ def _config(a: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainC
         seed=a.seed,
         label_column=a.label_column,
         name=a.name,
+        threads=a.threads,
     )
     if a.exclude:
         cfg.exclude = list(dict.fromkeys([*cfg.exclude, *a.exclude]))
@@ -319,6 +321,12 @@ def _training_options(t: argparse.ArgumentParser) -> None:
         help="0/1 column; rows with 1 are kept out of training and used to evaluate",
     )
     t.add_argument("--name", help="model name (train: default the data file's name; retrain: kept)")
+    t.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default 1: more only help large models beside busy processes; "
+        "see README, Threads)",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -413,6 +421,10 @@ TRAIN_ONLY = {"torch", "pandas", "pyarrow", "onnx", "onnxscript", "tqdm", "matpl
 
 
 def main(argv: list[str] | None = None) -> int:
+    # before torch loads OpenMP: with --threads N > 1, threads that wait at a barrier sleep
+    # instead of spinning, which costs little idle and keeps a fit beside busy processes from
+    # slowing down many times over (bench/busy_training.py)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -85,7 +85,7 @@ class TrainConfig:
     beta: float = 1.0
     beta_warmup_epochs: int = 10
     seed: int = 0
-    threads: int | None = None  # torch threads; None = torch's default
+    threads: int | None = None  # torch threads; None = chosen (service/cpus.py)
     # scoring
     samples: int = 16  # L posterior samples (fixed noise) per record in the exported graph
     default_score: Literal["elbo", "recon", "iwae"] = "elbo"
@@ -110,6 +110,8 @@ class TrainConfig:
         ):
             if v < 1:
                 raise bad(f"{name} must be >= 1, got {v}")
+        if self.threads is not None and self.threads < 1:
+            raise bad(f"threads must be >= 1, got {self.threads}")
         if self.latent is not None and self.latent < 1:
             raise bad(f"latent must be >= 1, got {self.latent}")
         if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):

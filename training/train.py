@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from service.bundle import (
     sha256_file,
     write_bundle_atomic,
 )
+from service.cpus import TRAINING_THREADS
 from service.drift import build_reference
 from service.features import encode_columns
 from service.registry import new_version
@@ -217,8 +217,6 @@ def train_bundle(
     their bundles were made. ``trainable``: see :func:`training.data.prepare`.
     """
     cfg.validate()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if not callable(out):
         out = Path(out)
         if out.exists() and not overwrite:
@@ -227,6 +225,8 @@ def train_bundle(
     layout = layout_of(prep.features)
     normal = encode_columns(prep.features, prep.columns).inputs
     x_num, x_cat = _tensors(_rows(normal, prep.train_idx))
+    threads = cfg.threads or TRAINING_THREADS
+    torch.set_num_threads(threads)
     val_inputs = _rows(normal, prep.val_idx)
     pre, vae, hist = fit(layout, x_num, x_cat, _tensors(val_inputs), cfg, progress, init_weights)
 
@@ -256,7 +256,7 @@ def train_bundle(
     def fill(tmp: Path) -> None:
         model_path = tmp / MODEL_FILE
         export_onnx(graph, val_inputs, model_path)
-        session = OnnxModel(model_path, intra_op_threads=os.cpu_count() or 1)
+        session = OnnxModel(model_path, intra_op_threads=threads)
         max_abs, max_rel = compare(graph, session, _rows(val_inputs, slice(0, 512)))
         calib = session.run(calib_inputs)
         anom = session.run(anomaly_inputs) if anomaly_inputs else {}
@@ -268,6 +268,7 @@ def train_bundle(
             "validation_loss": hist.val_loss[hist.best_epoch],
             "train_seconds": round(hist.seconds, 3),
             "warm_started_tensors": hist.warm_started_tensors,
+            "threads": threads,
         }
         for st in SCORE_TYPES:
             value, method = calibrate.threshold_for_fpr(calib[st], cfg.target_fpr)
