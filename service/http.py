@@ -10,6 +10,7 @@ import orjson
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
 
 from service.batching import MicroBatcher
 from service.errors import ClientClosed, InvalidJSON, NotReady, PayloadTooLarge
@@ -59,22 +60,30 @@ async def offload(size: int, fn: Callable[..., T], *args: Any) -> T:
 async def score(
     request: Request, scorer: Scorer, columns: Any, n: int, score_type: str | None
 ) -> Scored:
+    """:func:`score_in` the request's app."""
+    return await score_in(request.app.state, scorer, columns, n, score_type)
+
+
+async def score_in(
+    state: State, scorer: Scorer, columns: Any, n: int, score_type: str | None
+) -> Scored:
     """Score through the micro-batcher (small requests) or directly in a thread (large ones),
-    then hand normal records to the sink. Never on the event loop."""
-    batcher: MicroBatcher | None = request.app.state.batcher
+    then hand normal records to the sink. Never on the event loop. (``state``: the app's, for
+    the batcher and the sink; gRPC calls come here too.)"""
+    batcher: MicroBatcher | None = state.batcher
     if batcher is not None and n < batcher.max_batch:
         scored = await batcher.score(scorer, columns, n, score_type)
     else:
         scored = await run_in_threadpool(scorer.score, columns, score_type)
-    if request.app.state.sink is not None:
-        await offload(n, sink_records, request, scorer, columns, scored)
+    if state.sink is not None:
+        await offload(n, sink_records, state, scorer, columns, scored)
     return scored
 
 
-def sink_records(request: Request, scorer: Scorer, columns: Any, scored: Scored) -> None:
+def sink_records(state: State, scorer: Scorer, columns: Any, scored: Scored) -> None:
     """Hand the records scored as normal to the sink."""
-    sink: NormalSink = request.app.state.sink
-    below = request.app.state.settings.sink_max_percentile
+    sink: NormalSink = state.sink
+    below = state.settings.sink_max_percentile
     sink.offer(scorer.manifest, columns, scored.is_anomaly, scored.percentile, below)
 
 
@@ -83,10 +92,12 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON, refusing more than ``limit`` bytes (413) or invalid JSON (400).
+    """The request body as JSON, refusing more than ``limit`` bytes (413) or invalid JSON (400)."""
+    return parse_json(await read_body(request, limit))
 
-    Non-standard ``NaN``/``Infinity`` tokens parse (to be refused per field with a clear reason).
-    """
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (413)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes is over the {limit}-byte limit")
@@ -103,7 +114,12 @@ async def read_json(request: Request, limit: int) -> Any:
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    """JSON, or InvalidJSON (400). Non-standard ``NaN``/``Infinity`` tokens parse (to be
+    refused per field with a clear reason)."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
