@@ -9,7 +9,9 @@ Prints medians over repeats, measured in this one run:
    standard library);
 3. CPU time per single-record request through the whole ASGI app, in process (no sockets),
    64 at a time: the service (micro-batching on) against a FastAPI endpoint that returns a
-   constant. What is left between them is the per-request cost that HTTP load tests see.
+   constant. What is left between them is the per-request cost that HTTP load tests see;
+4. the same for one record through V2 infer, as JSON and as binary tensors (tritonclient's
+   defaults: FP32/INT64/BOOL/BYTES inputs, binary outputs), against the native path.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -102,11 +105,76 @@ def main() -> int:
     ):
         us = asyncio.run(asgi_cpu_per_request(make(), body, 64, 4000, 5))
         print(f"   {name}: {us:.0f} us")
+
+    print("\n4. the same, one record: native vs V2 infer (JSON, binary tensors), median of 5")
+    path = f"/v2/models/{scorer.manifest.name}/infer"
+    json_ct = ((b"content-type", b"application/json"),)
+    head, blobs = v2_binary_request(recs[0], feats)
+    binary_headers = (
+        (b"content-type", b"application/octet-stream"),
+        (b"inference-header-content-length", str(len(head)).encode()),
+    )
+    for name, route, payload, headers in (
+        ("native /v1/score", "/v1/score", body, json_ct),
+        ("V2 JSON", path, v2_json_request(recs[0], feats), json_ct),
+        ("V2 binary", path, head + blobs, binary_headers),
+    ):
+        app = create_app(Settings(bundle=a.bundle, log_level="warning"))
+        us = asyncio.run(asgi_cpu_per_request(app, payload, 64, 4000, 5, route, headers))
+        print(f"   {name}: {us:.0f} us")
     return 0
 
 
-async def asgi_cpu_per_request(app: Any, body: bytes, conc: int, n: int, repeat: int) -> float:
-    """Median process CPU time (microseconds) per POST /v1/score driven straight into ``app``."""
+def _v2_tensors(rec: dict[str, Any], feats: Any) -> list[tuple[str, str, Any]]:
+    """(name, datatype, value) per feature present in ``rec``, typed as a Triton user would."""
+    out = []
+    for f in feats:
+        v = rec.get(f.name)
+        if v is None:
+            continue  # a binary tensor has no null: a missing feature is left out
+        if f.kind == "numeric":
+            dt = "INT64" if float(v).is_integer() else "FP32"
+            out.append((f.name, dt, int(v) if dt == "INT64" else float(v)))
+        else:
+            out.append((f.name, "BOOL" if f.kind == "boolean" else "BYTES", v))
+    return out
+
+
+def v2_json_request(rec: dict[str, Any], feats: Any) -> bytes:
+    inputs = [
+        {"name": n, "shape": [1], "datatype": dt, "data": [v]}
+        for n, dt, v in _v2_tensors(rec, feats)
+    ]
+    return orjson.dumps({"inputs": inputs})
+
+
+def v2_binary_request(rec: dict[str, Any], feats: Any) -> tuple[bytes, bytes]:
+    """(JSON part, binary part) of a one-record binary request asking for binary outputs."""
+    formats = {"INT64": "<q", "FP32": "<f", "BOOL": "<?"}
+    inputs, blobs = [], []
+    for n, dt, v in _v2_tensors(rec, feats):
+        if dt == "BYTES":
+            blob = struct.pack("<I", len(v.encode())) + v.encode()
+        else:
+            blob = struct.pack(formats[dt], v)
+        blobs.append(blob)
+        inputs.append(
+            {"name": n, "shape": [1], "datatype": dt, "parameters": {"binary_data_size": len(blob)}}
+        )
+    head = orjson.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}})
+    return head, b"".join(blobs)
+
+
+async def asgi_cpu_per_request(
+    app: Any,
+    body: bytes,
+    conc: int,
+    n: int,
+    repeat: int,
+    path: str = "/v1/score",
+    headers: tuple[tuple[bytes, bytes], ...] = ((b"content-type", b"application/json"),),
+) -> float:
+    """Median process CPU time (microseconds) per POST ``path`` driven straight into ``app``."""
 
     async def one() -> None:
         scope = {
@@ -115,14 +183,11 @@ async def asgi_cpu_per_request(app: Any, body: bytes, conc: int, n: int, repeat:
             "http_version": "1.1",
             "method": "POST",
             "scheme": "http",
-            "path": "/v1/score",
-            "raw_path": b"/v1/score",
+            "path": path,
+            "raw_path": path.encode(),
             "root_path": "",
             "query_string": b"",
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
             "client": ("127.0.0.1", 1),
             "server": ("127.0.0.1", 2),
             "state": {},

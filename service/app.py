@@ -35,6 +35,8 @@ from service.sink import RecordSink
 
 log = logging.getLogger("vae_anomaly")
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}\Z")
+V2_INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer\Z")
+V2_INFER_ROUTES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
 
 
 _ID_PREFIX = os.urandom(6).hex()
@@ -52,10 +54,11 @@ class ServiceApp(FastAPI):
     ``X-Request-ID`` or new, echoed back), the request timeout, metrics by route template and
     one structured log line.
 
-    ``POST /v1/score`` is dispatched here straight to its endpoint: single-record requests are
-    the hot path, and FastAPI's routing, middleware and dependency injection would cost more
-    than the scoring itself. The endpoint is still FastAPI's route (for /docs and the schema)
-    and takes only the request; errors are rendered by the same functions as everywhere else.
+    ``POST /v1/score`` and V2 ``POST /v2/models/{name}[/versions/{version}]/infer`` are
+    dispatched here straight to their endpoints: single-record requests are the hot path, and
+    FastAPI's routing, middleware and dependency injection would cost more than the scoring
+    itself. The endpoints are still FastAPI's routes (for /docs and the schema) and take only
+    the request; errors are rendered by the same functions as everywhere else.
     """
 
     hot: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]]
@@ -81,8 +84,15 @@ class ServiceApp(FastAPI):
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
-        endpoint = self.hot.get((scope["method"], scope["path"]))
-        route = scope["path"] if endpoint is not None else None
+        path = scope["path"]
+        endpoint = self.hot.get((scope["method"], path))
+        route = path if endpoint is not None else None
+        if endpoint is None and scope["method"] == "POST" and (m := V2_INFER.match(path)):
+            endpoint = v2.infer
+            scope["path_params"] = (
+                {"name": m[1]} if m[2] is None else {"name": m[1], "version": m[2]}
+            )
+            route = V2_INFER_ROUTES[m[2] is not None]
         try:
             async with asyncio.timeout(self.request_timeout):
                 if endpoint is not None:
@@ -198,7 +208,10 @@ def install_openapi(app: FastAPI) -> None:
         comps = schema.setdefault("components", {})
         models = comps.setdefault("schemas", {})
         scorer: Scorer | None = app.state.models.scorer
-        bodies: dict[str, type[BaseModel]] = {"InferenceRequest": v2.InferenceRequest}
+        bodies: dict[str, type[BaseModel]] = {
+            "InferenceRequest": v2.InferenceRequest,
+            "RepositoryIndexRequest": v2.RepositoryIndexRequest,
+        }
         if scorer is not None:
             bodies["ScoreRequest"] = native.request_model(
                 scorer.manifest, settings.max_records, settings.max_string_length
@@ -280,9 +293,16 @@ def create_app(settings: Settings) -> ServiceApp:
                 settings.sink_keep_files,
                 settings.sink_sample,
             )
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from service import grpc_v2  # the grpc extra: imported only when asked for
+
+            grpc_server = await grpc_v2.start(app.state, settings)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=5)
             app.state.parser.close()
             if watcher is not None:
                 watcher.cancel()

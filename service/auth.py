@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
 
 from fastapi import Request
 
@@ -29,9 +30,9 @@ class Secrets:
         return ok
 
 
-def presented(request: Request, *, api_key_header: bool) -> str | None:
-    """The credential in the request: a bearer token, else (if allowed) an X-API-Key."""
-    headers = request.headers
+def presented(headers: Mapping[str, str], *, api_key_header: bool) -> str | None:
+    """The credential in request headers (or gRPC metadata): a bearer token, else (if allowed)
+    an X-API-Key."""
     auth = headers.get("authorization")
     if auth is not None:
         scheme, _, value = auth.partition(" ")
@@ -46,10 +47,14 @@ def presented(request: Request, *, api_key_header: bool) -> str | None:
 
 def check_api_key(request: Request) -> None:
     """Raise 401/403 unless scoring is open or the request carries a configured API key."""
-    keys: Secrets | None = request.app.state.api_keys
+    check_key(request.app.state.api_keys, request.headers)
+
+
+def check_key(keys: Secrets | None, headers: Mapping[str, str]) -> None:
+    """Raise 401/403 unless ``keys`` is None (open) or ``headers`` carry one of them."""
     if keys is None:
         return
-    given = presented(request, api_key_header=True)
+    given = presented(headers, api_key_header=True)
     if given is None:
         raise Unauthorized("this needs an API key: Authorization: Bearer <key> or X-API-Key: <key>")
     if not keys.accepts(given):
@@ -73,7 +78,7 @@ async def require_admin(request: Request) -> None:
     token: Secrets | None = request.app.state.admin_token
     if token is None:
         raise NotFound("admin endpoints are off (no admin token is configured)")
-    given = presented(request, api_key_header=False)
+    given = presented(request.headers, api_key_header=False)
     if given is None:
         raise Unauthorized("this needs the admin token: Authorization: Bearer <token>")
     if not token.accepts(given):

@@ -27,12 +27,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to listen on (127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, help="port (8000)")
     p.add_argument("--workers", type=int, help="worker processes (1)")
+    p.add_argument("--grpc-port", type=int, help="also serve the V2 gRPC API on this port")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
 def settings_from_args(a: argparse.Namespace, **extra: object) -> Settings:
     return load_settings(
-        host=a.host, port=a.port, workers=a.workers, log_level=a.log_level, **extra
+        host=a.host,
+        port=a.port,
+        workers=a.workers,
+        grpc_port=a.grpc_port,
+        log_level=a.log_level,
+        **extra,
     )
 
 
@@ -71,6 +77,8 @@ def serve(settings: Settings) -> int:
             )
         settings.admin_secret()
         settings.api_key_list()
+        if settings.grpc_port is not None and importlib.util.find_spec("grpc") is None:
+            raise SettingsError("--grpc-port needs the grpc extra: pip install 'vae-anomaly[grpc]'")
     except (BundleError, RegistryError, OSError, SettingsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

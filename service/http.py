@@ -11,6 +11,7 @@ import orjson
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
 
 from service.batching import MicroBatcher
 from service.errors import (
@@ -72,24 +73,37 @@ async def score(
     score_type: str | None,
     records: list[Any] | None = None,
 ) -> Scored:
+    """:func:`score_in` the request's app."""
+    return await score_in(request.app.state, scorer, columns, n, score_type, records)
+
+
+async def score_in(
+    state: State,
+    scorer: Scorer,
+    columns: Any,
+    n: int,
+    score_type: str | None,
+    records: list[Any] | None = None,
+) -> Scored:
     """Score through the micro-batcher (small requests) or directly in a thread (large ones),
-    then offer the records (``records``: as sent, for their id columns) to the sink. Never on
-    the event loop."""
-    batcher: MicroBatcher | None = request.app.state.batcher
+    then offer the records (``records``: the id columns of each, if any) to the sink. Never
+    on the event loop. (``state``: the app's, for the batcher and the sink; gRPC calls come
+    here too.)"""
+    batcher: MicroBatcher | None = state.batcher
     if batcher is not None and n < batcher.max_batch:
         scored = await batcher.score(scorer, columns, n, score_type)
     else:
         scored = await run_in_threadpool(scorer.score, columns, score_type)
-    if request.app.state.sink is not None:
-        await offload(n, sink_records, request, scorer, columns, scored, records)
+    if state.sink is not None:
+        await offload(n, sink_records, state, scorer, columns, scored, records)
     return scored
 
 
 def sink_records(
-    request: Request, scorer: Scorer, columns: Any, scored: Scored, records: list[Any] | None
+    state: State, scorer: Scorer, columns: Any, scored: Scored, records: list[Any] | None
 ) -> None:
     """Hand a uniform sample of the scored records, with their verdicts, to the sink."""
-    sink: RecordSink = request.app.state.sink
+    sink: RecordSink = state.sink
     sink.offer(scorer.manifest, columns, scored.is_anomaly, records)
 
 
@@ -97,14 +111,19 @@ ScorerDep = Annotated[Scorer, Depends(get_scorer)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def body_headers(request: Request, limit: int) -> None:
+def body_headers(
+    request: Request, limit: int, *, binary: bool = False, empty: bool = False
+) -> None:
     """Refuse, before reading it, a body that is not plain JSON (415) or declared too large
     (413). One pass over the raw headers: this runs on the hot path.
 
     Only ``application/json`` is read: a browser page may POST ``text/plain``, a form type
     or no type at all cross-origin without a CORS preflight; curl's ``-d`` sends a form type.
+    Where ``binary`` tensors are read (V2 infer), a request that carries the binary extension's
+    header may have any type: a custom header always takes a preflight. Where ``empty``, a
+    request with no body may come without a type (there is nothing to read).
     """
-    ctype = encoding = declared = None
+    ctype = encoding = declared = tensor_header = None
     for k, v in request.scope["headers"]:
         if k == b"content-type":
             ctype = v
@@ -112,7 +131,16 @@ def body_headers(request: Request, limit: int) -> None:
             declared = v
         elif k == b"content-encoding":
             encoding = v
-    if ctype != b"application/json" and (ctype is None or not JSON_TYPE.match(ctype)):
+        elif k == b"inference-header-content-length":
+            tensor_header = v
+    exempt = (binary and tensor_header is not None) or (
+        empty and ctype is None and declared in (None, b"0")
+    )
+    if (
+        not exempt
+        and ctype != b"application/json"
+        and (ctype is None or not JSON_TYPE.match(ctype))
+    ):
         given = ctype.decode("latin-1")[:80] if ctype is not None else "none"
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {given}")
     if encoding is not None and encoding.strip().lower() != b"identity":
@@ -130,9 +158,12 @@ JSON_TYPE = re.compile(rb"[ \t]*application/json[ \t]*(;|\Z)", re.IGNORECASE)
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes (413) or not JSON (415)."""
-    body_headers(request, limit)
+async def read_body(
+    request: Request, limit: int, *, binary: bool = False, empty: bool = False
+) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (413) or not JSON (415; see
+    :func:`body_headers` for ``binary`` and ``empty``)."""
+    body_headers(request, limit, binary=binary, empty=empty)
     chunks, size = [], 0
     receive = request.receive  # the ASGI channel itself: Request.stream() costs more per call
     while True:

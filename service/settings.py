@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     sink_keep_files: int = Field(20, ge=1, description="files kept per worker")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    grpc_port: int | None = Field(
+        None, ge=1, le=65535, description="also serve the V2 gRPC API on this port (grpc extra)"
+    )
     workers: int = Field(1, ge=1, le=64, description="worker processes")
     max_records: int = Field(10_000, ge=1, description="records per request, at most")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request body size limit")
