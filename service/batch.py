@@ -11,6 +11,7 @@ scored and named in ``unusual``; a row holding a value that cannot be one of its
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -55,7 +56,33 @@ OUTPUT_TYPES = {
     "percentile": pa.float64(),
     "unusual": pa.string(),
     "error": pa.string(),
+    "top_features": pa.string(),  # with --explain
 }
+
+
+def input_files(data: str | os.PathLike[str]) -> list[Path]:
+    """The files of ``data``: a file; a folder (a partitioned dataset: every data file under
+    it, Spark's and Hive's ``_``/``.`` files left out); or a glob (``'in/*.parquet'``). All of
+    one format, in name order."""
+    text = str(data)
+    p = Path(text)
+    if any(c in text for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(text, recursive=True) if Path(f).is_file())
+    elif p.is_dir():
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file()
+            and not any(part.startswith(("_", ".")) for part in f.relative_to(p).parts)
+        )
+    else:
+        return [p]
+    if not files:
+        raise BatchError(f"{text}: no files to read")
+    kinds = {_format(f) for f in files}
+    if len(kinds) > 1:
+        raise BatchError(f"{text}: files of several formats {sorted(kinds)}; give one format")
+    return files
 
 
 def read_chunks(path: Path, size: int) -> Iterator[tuple[pd.DataFrame, dict[int, str]]]:
@@ -135,7 +162,8 @@ class Writer:
         if self.parquet is None:
             schema = pa.Table.from_pandas(df, preserve_index=False).schema
             for name, typ in OUTPUT_TYPES.items():
-                schema = schema.set(schema.get_field_index(name), pa.field(name, typ))
+                if name in schema.names:
+                    schema = schema.set(schema.get_field_index(name), pa.field(name, typ))
             self.parquet, self.schema = pq.ParquetWriter(self.tmp, schema), schema
         schema = self.schema
         try:
@@ -175,7 +203,9 @@ class Summary:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
-def _id_columns(chunk: pd.DataFrame, m: Manifest, ids: list[str] | None, data: Path) -> list[str]:
+def _id_columns(
+    chunk: pd.DataFrame, m: Manifest, ids: list[str] | None, data: str | os.PathLike[str]
+) -> list[str]:
     """The id columns to copy (checked on the first chunk)."""
     id_cols = ids if ids is not None else [c for c in m.ignored_columns if c in chunk.columns]
     unknown_ids = [c for c in id_cols if c not in chunk.columns]
@@ -203,22 +233,25 @@ def _integer_ids(df: pd.DataFrame) -> pd.DataFrame:
 
 def score_file(
     bundle: Bundle,
-    data: Path,
+    data: str | os.PathLike[str],
     out: Path,
     *,
     ids: list[str] | None = None,
     score_type: str | None = None,
     chunk_size: int = 100_000,
     threads: int = 0,
+    explain: int = 0,
     progress: bool = True,
 ) -> Summary:
-    """Score every record of ``data`` into ``out``; see the module's docstring."""
+    """Score every record of ``data`` (a file, a folder or a glob: :func:`input_files`) into
+    ``out``; see the module's docstring. ``explain``: a ``top_features`` column of that many."""
     m = bundle.manifest
     st = score_type or m.default_score
     if st not in m.score_types:
         raise BatchError(f"score type {st!r} is not one of {m.score_types}")
-    if out.resolve() == data.resolve():
-        raise BatchError("--out must not be the input file")
+    files = input_files(data)
+    if any(out.resolve() == f.resolve() for f in files):
+        raise BatchError("--out must not be an input file")
     threads = threads or usable_cpus()  # not os.cpu_count(): the host's, beyond a quota
     model = Model(bundle, threads=threads)
     summary = Summary(threads=threads)
@@ -231,12 +264,12 @@ def score_file(
         bar = tqdm(desc="scoring", unit=" rows", unit_scale=True, dynamic_ncols=True)
     start = time.perf_counter()
     try:
-        for chunk, bad in read_chunks(data, chunk_size):
+        for chunk, bad in (c for f in files for c in read_chunks(f, chunk_size)):
             if summary.rows == 0:
                 id_cols = _id_columns(chunk, m, ids, data)
                 summary.missing_columns = [n for n in client_fields(m) if n not in chunk]
             chunk = chunk.reset_index(drop=True)
-            scored, unusual = model.score_frame(chunk, bad, st)
+            scored, unusual = model.score_frame(chunk, bad, st, explain)
             # a JSON Lines chunk may lack an id column (its records left it out): empty ids there
             result = pd.concat([_integer_ids(chunk.reindex(columns=id_cols)), scored], axis=1)
             writer.write(result)

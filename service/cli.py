@@ -292,6 +292,7 @@ def cmd_score(a: argparse.Namespace) -> int:
             score_type=a.score,
             chunk_size=a.chunk_size,
             threads=a.threads,
+            explain=a.explain,
             progress=not a.quiet,
         )
     except (BatchError, BundleError, RegistryError, OSError, ValueError) as e:
@@ -381,8 +382,19 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     b = sub.add_parser("score", help="score a file of records offline (CSV, Parquet, JSONL)")
     b.add_argument("model", type=Path, help="a bundle, or a registry (its serving version)")
-    b.add_argument("data", type=Path, help="CSV, Parquet or JSON Lines file")
+    b.add_argument(
+        "data",
+        help="CSV, Parquet or JSON Lines: a file, a folder (a partitioned dataset) or a glob "
+        "('in/*.parquet', quoted)",
+    )
     b.add_argument("--out", type=Path, required=True, help=".csv, .parquet or .jsonl to write")
+    b.add_argument(
+        "--explain",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add a top_features column: the N features that drove each score",
+    )
     b.add_argument(
         "--id-column",
         nargs="+",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -169,3 +170,59 @@ def test_threads_follow_the_cpus_the_process_may_use(bundle_dir: Path, tmp_path:
         r = subprocess.run([*prefix, *base, *extra], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert f"rows/s, {threads} thread(s))" in r.stdout, (prefix, extra, r.stdout)
+
+
+def test_folders_and_globs_of_files_are_one_input(
+    bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    df = generate_payments(900, seed=7)
+    lake = tmp_path / "lake"
+    for i, day in enumerate(["day=1", "day=2", "day=3"]):
+        (lake / day).mkdir(parents=True)
+        df.iloc[i * 300 : (i + 1) * 300].to_parquet(lake / day / "part-0.parquet", index=False)
+    (lake / "_SUCCESS").write_text("")  # Spark's marker: not data
+    whole = tmp_path / "whole.parquet"
+    df.to_parquet(whole, index=False)
+    outs = {}
+    for name, data in {
+        "file": whole,
+        "folder": lake,
+        "glob": lake / "day=*" / "*.parquet",
+    }.items():
+        outs[name] = tmp_path / f"{name}.csv"
+        assert main(["score", str(bundle_dir), str(data), "--out", str(outs[name]), "--quiet"]) == 0
+        assert "scored 900 records" in capsys.readouterr().out
+    want = pd.read_csv(outs["file"])
+    for name in ("folder", "glob"):
+        pd.testing.assert_frame_equal(pd.read_csv(outs[name]), want)
+    (lake / "day=1" / "extra.csv").write_text("a\n1\n")
+    assert main(["score", str(bundle_dir), str(lake), "--out", str(tmp_path / "x.csv")]) == 2
+    assert "several formats" in capsys.readouterr().err
+    assert (
+        main(["score", str(bundle_dir), str(lake / "*.none"), "--out", str(tmp_path / "x.csv")])
+        == 2
+    )
+    assert "no files" in capsys.readouterr().err
+
+
+def test_explain_and_id_columns_pass_through_unchanged(bundle_dir: Path, tmp_path: Path) -> None:
+    df = pd.concat(
+        [generate_payments(50, seed=8), make_anomalies(10, seed=8)], ignore_index=True
+    ).drop(columns="anomaly_kind")
+    df["sent_at"] = [f"2026-11-28T10:{i:02d}:00Z" for i in range(len(df))]
+    data, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write(df, data)
+    code = main(
+        ["score", str(bundle_dir), str(data), "--out", str(out), "--quiet", "--explain", "2",
+         "--id-column", "transaction_id", "sent_at"]
+    )  # fmt: skip
+    assert code == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["sent_at"] for r in lines] == df["sent_at"].tolist()  # as written, not epoch ms
+    assert [r["transaction_id"] for r in lines] == df["transaction_id"].tolist()
+    names = {f.name for f in read_bundle(bundle_dir).manifest.features}
+    tops = [r["top_features"] for r in lines]
+    assert all(tops[-10:])  # every anomaly is explained
+    for t in filter(None, tops):
+        named = [part.split(":")[0] for part in t.split(", ")]
+        assert 1 <= len(named) <= 2 and set(named) <= names
