@@ -7,7 +7,7 @@ train --registry`; the first serves at once), starts the real service (`vae-anom
 --registry`, 1 worker, 127.0.0.1, a short poll interval) and sends it open-loop traffic at a fixed
 rate from one asyncio httpx client: valid single records and 100-record batches through both
 `/v1/score` and the KServe V2 `/v2/models/{name}/infer`, invalid requests of many kinds (bad JSON,
-wrong types, unknown fields, empty and oversize batches, a body over the limit, a form body, bad
+wrong types, unknown fields, empty and oversize batches, a body over the limit, a form body (415), bad
 query parameters, an unknown model) and a few GETs (`/v1/model`, `/metrics`, ...). Every request
 has an expected status (valid: 200; invalid: a specific 4xx, and for a 422 the expected reason).
 
@@ -501,7 +501,7 @@ def kinds(recs: list[dict[str, Any]], features: list[dict[str, Any]]) -> list[Ki
                 ("/v1/score", b"amount=42.5&hour=18", "application/x-www-form-urlencoded"),
                 ("/v1/score", b"hello", "text/plain"),
             ],
-            400,
+            415,
             1,
         ),
         Kind(
@@ -530,7 +530,7 @@ def kinds(recs: list[dict[str, Any]], features: list[dict[str, Any]]) -> list[Ki
             "v2 wrong datatype",
             "invalid",
             "POST",
-            v2(lambda b: tensor(b, "amount", datatype="BYTES", data=["1"])),
+            v2(lambda b: tensor(b, "amount", datatype="BYTES", data=["a lot"])),
             400,
             1.5,
         ),
