@@ -86,6 +86,7 @@ def test_every_alert_has_a_runbook_and_a_unit_test() -> None:
         "VaeAnomalyFeatureDrift",
         "VaeAnomalyScoreDrift",
         "VaeAnomalyMissingOrUnknownValues",
+        "VaeAnomalyOutOfDomainValues",
     }
     assert all(r["annotations"]["runbook"] for r in rules if "alert" in r)
     tests = yaml.safe_load((PROM / "rules_test.yml").read_text())["tests"]
