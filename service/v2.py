@@ -161,8 +161,10 @@ def _of_datatype(v: Any, dt: str) -> bool:
         return isinstance(v, bool)
     if dt == "BYTES":
         return isinstance(v, str)
-    if dt.startswith(("INT", "UINT")):
-        return isinstance(v, int) and not isinstance(v, bool)
+    if dt.startswith(("INT", "UINT")):  # 12.0 is the integer 12 in JSON
+        return not isinstance(v, bool) and (
+            isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+        )
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 

@@ -547,12 +547,12 @@ def test_the_parser_process_reports_errors_counts_and_survives_a_kill(bundle_dir
                 await p.run(parsed_with, records_to_columns, bad, m, settings)
             assert e.value.errors[0]["field"] == "nope" and e.value.status_code == 422
             assert missing() == before + 3  # counted here, not lost in the helper
-            columns, n = await p.run(parsed_with, records_to_columns, good, m, settings)
-            assert n == 2 and columns["amount"] == [_rec()["amount"]] * 2
+            parsed = await p.run(parsed_with, records_to_columns, good, m, settings)
+            assert parsed.n == 2 and parsed.columns["amount"] == [_rec()["amount"]] * 2
             os.kill(await p.run(os.getpid), 9)
             with pytest.raises(Timeout):  # the helper died: a 503, and a new helper
                 await p.run(os.getpid)
-            assert (await p.run(parsed_with, records_to_columns, good, m, settings))[1] == 2
+            assert (await p.run(parsed_with, records_to_columns, good, m, settings)).n == 2
         finally:
             p.close()
 

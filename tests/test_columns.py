@@ -312,7 +312,9 @@ def test_service_and_bulk_cli_score_raw_timestamps_alike(
     )
     assert done.returncode == 0, done.stderr
     bulk = pd.read_csv(out)
-    assert list(bulk.columns) == ["host", "request_id", "score", "is_anomaly", "percentile"]
+    assert list(bulk.columns) == [
+        "host", "request_id", "score", "is_anomaly", "percentile", "unusual", "error"
+    ]  # fmt: skip
     assert bulk["request_id"].tolist() == df["request_id"].tolist()
     np.testing.assert_allclose(bulk["score"], native, rtol=1e-5)
     gate = _scores(read_bundle(trained.bundle), pd.read_csv(data))  # retrain's promotion gate
@@ -446,4 +448,5 @@ def test_sink_keeps_the_raw_timestamp(trained: Trained, client: httpx.Client) ->
         ]
     assert sent & {r["timestamp"] for r in lines}
     fields = {"timestamp", "sent_ms", "region", "cpu", "latency_ms", "bytes_out"}
-    assert all(set(r) == fields for r in lines)
+    ids_and_verdicts = {"host", "request_id", VERDICT, SCORED_BY}
+    assert all(set(r) == fields | ids_and_verdicts for r in lines)
