@@ -7,9 +7,10 @@ train --registry`; the first serves at once), starts the real service (`vae-anom
 --registry`, 1 worker, 127.0.0.1, a short poll interval) and sends it open-loop traffic at a fixed
 rate from one asyncio httpx client: valid single records and 100-record batches through both
 `/v1/score` and the KServe V2 `/v2/models/{name}/infer`, invalid requests of many kinds (bad JSON,
-wrong types, unknown fields, empty and oversize batches, a body over the limit, a form body (415), bad
-query parameters, an unknown model) and a few GETs (`/v1/model`, `/metrics`, ...). Every request
-has an expected status (valid: 200; invalid: a specific 4xx, and for a 422 the expected reason).
+wrong types, unknown fields, empty and oversize batches, a body over the limit, a form body
+(415), bad query parameters, an unknown model) and a few GETs (`/v1/model`, `/metrics`, ...).
+Every request has an expected status (valid: 200; invalid: a specific 4xx, and for a 422 the
+expected reason).
 
 At 1/3 and 2/3 of the run, `vae-anomaly models promote VERSION --registry DIR` switches the
 serving version; the responses' model version must follow (and never go back). The RSS of the
