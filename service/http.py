@@ -65,18 +65,6 @@ async def offload(size: int, fn: Callable[..., T], *args: Any) -> T:
     return fn(*args) if size <= INLINE_RECORDS else await run_in_threadpool(fn, *args)
 
 
-async def score(
-    request: Request,
-    scorer: Scorer,
-    columns: Any,
-    n: int,
-    score_type: str | None,
-    records: list[Any] | None = None,
-) -> Scored:
-    """:func:`score_in` the request's app."""
-    return await score_in(request.app.state, scorer, columns, n, score_type, records)
-
-
 async def score_in(
     state: State,
     scorer: Scorer,

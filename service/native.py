@@ -26,8 +26,15 @@ from service.bundle import (
     ScoreType,
 )
 from service.errors import ERROR_RESPONSES, InvalidParameters, InvalidRecords
-from service.http import JSON, ScorerDep, current_scorer, offload, parse_body, read_body
-from service.http import score as score_with
+from service.http import (
+    JSON,
+    ScorerDep,
+    current_scorer,
+    offload,
+    parse_body,
+    read_body,
+    score_in,
+)
 from service.scoring import Scored, Scorer, top_features
 from service.settings import Settings
 
@@ -530,7 +537,8 @@ async def score_records(request: Request) -> JSON:
     )
     scored = None
     if parsed.n:
-        scored = await score_with(request, scorer, parsed.columns, parsed.n, score_type, ids)
+        state = request.app.state
+        scored = await score_in(state, scorer, parsed.columns, parsed.n, score_type, ids)
     return JSON(await offload(parsed.n, results_json, scorer, parsed, scored, k, score_type))
 
 

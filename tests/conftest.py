@@ -1,15 +1,19 @@
-"""Shared fixtures: sample payments and a small bundle trained once per test session."""
+"""Shared fixtures (sample payments, a small bundle trained once per test session) and the
+helpers the test modules share: test modules import from here, never from each other."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ import httpx
 import pandas as pd
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.registry import Registry, new_version
 from training.config import TrainConfig
@@ -219,3 +224,111 @@ def wait_for(cond: Any, timeout: float = 30.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- helpers the test modules share
+
+POLL = "0.3"  # seconds between the service's pointer checks
+
+
+REFUSED = "model not loaded; keeping the serving one"  # the service's log message
+
+
+def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """JSON-ready records: NaN/None become null (as a client would send them)."""
+    out = []
+    for rec in df.to_dict(orient="records"):
+        out.append(
+            {
+                k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                for k, v in rec.items()
+                if k != "anomaly_kind"
+            }
+        )
+    return out
+
+
+def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    out = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], metric: str, /, **labels: str
+) -> float:
+    return samples.get((metric, tuple(sorted(labels.items()))), 0.0)
+
+
+def fresh_registry(src: tuple[Path, str, str], tmp: Path) -> Registry:
+    shutil.copytree(src[0], tmp / "registry")
+    return Registry(tmp / "registry")
+
+
+class Load:
+    """A steady request load from two client threads, recording every response."""
+
+    def __init__(self, url: str, recs: list[dict[str, Any]], pace: float = 0.0) -> None:
+        """``pace``: seconds between a thread's requests (0: back to back)."""
+        self.url, self.recs, self.pace = url, recs, pace
+        self.results: list[tuple[int, str | None]] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run) for _ in range(2)]
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as c:
+            deadline = time.monotonic() + 120  # bounded, whatever happens
+            while not self.stop.wait(self.pace) and time.monotonic() < deadline:
+                try:
+                    r = c.post("/v1/score", json={"records": self.recs})
+                    version = r.json()["model"]["version"] if r.status_code == 200 else None
+                    self.results.append((r.status_code, version))
+                except httpx.HTTPError:
+                    self.results.append((0, None))
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def wait_for(self, version: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.results and self.results[-1][1] == version:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"responses never switched to {version}")
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+def failures(c: httpx.Client) -> float:
+    return value(metric_samples(c), "vae_anomaly_model_reloads_total", result="failure")
+
+
+def log_entries(server: Server, msg: str) -> list[dict[str, Any]]:
+    """The server's JSON log lines whose message is ``msg``."""
+    out = []
+    for line in server.logs().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("msg") == msg:
+            out.append(entry)
+    return out

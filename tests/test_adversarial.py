@@ -18,8 +18,7 @@ import httpx
 import pytest
 
 from service.bundle import read_bundle
-from tests.conftest import Server, cli_executable, run_server
-from tests.test_service import records
+from tests.conftest import Server, cli_executable, records, run_server
 from training.demo_data import generate_payments
 
 KEY = "k-adversarial-0123456789"

@@ -41,9 +41,19 @@ from service.lifecycle import ModelManager
 from service.registry import POINTER, Registry, new_version
 from service.scoring import Scorer
 from service.settings import load_settings
-from tests.conftest import add_version, cli_executable, free_port, run_server
-from tests.test_faults import POLL, REFUSED, Steady, failures, log_entries, wait_until
-from tests.test_service import records
+from tests.conftest import (
+    POLL,
+    REFUSED,
+    Load,
+    add_version,
+    cli_executable,
+    failures,
+    free_port,
+    log_entries,
+    records,
+    run_server,
+    wait_until,
+)
 from training.demo_data import generate_payments
 
 ADMIN = "adm1n-t0ken"
@@ -486,8 +496,10 @@ def test_service_refuses_every_bad_version_and_keeps_serving(
     with (
         run_server(["serve", "--registry", str(reg.root)], tmp_path, env=env) as s,
         httpx.Client(base_url=s.url, timeout=30) as c,
-        Steady(s.url, recs[:1]) as singles,  # two threads of one-record requests: coalesced
-        Steady(s.url, recs[:2]) as pairs,
+        Load(
+            s.url, recs[:1], pace=0.02
+        ) as singles,  # two threads of one-record requests: coalesced
+        Load(s.url, recs[:2], pace=0.02) as pairs,
     ):
         for v, (case, reason) in bad.items():
             before = failures(c)
@@ -546,7 +558,7 @@ def test_a_load_that_takes_too_long_is_shown_then_given_up(
     with (
         run_server(["serve", "--registry", str(reg.root)], tmp_path, env=env) as s,
         httpx.Client(base_url=s.url, timeout=30) as c,
-        Steady(s.url, recs) as load,
+        Load(s.url, recs, pace=0.02) as load,
     ):
         before = failures(c)
         reg.promote(endless, verify=False)

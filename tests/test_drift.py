@@ -31,8 +31,7 @@ from service.drift_report import drift_file, drift_table
 from service.features import encode_columns
 from service.scoring import Scorer
 from service.settings import load_settings
-from tests.conftest import PROM, cli_executable, prometheus_query, run_server, wait_for
-from tests.test_service import records
+from tests.conftest import PROM, cli_executable, prometheus_query, records, run_server, wait_for
 from training.demo_data import generate_payments
 from training.train import Result
 

@@ -28,14 +28,22 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.bundle import MANIFEST_FILE, MODEL_FILE, read_bundle
 from service.registry import POINTER, VERSIONS, Registry, new_version
-from tests.conftest import Server, add_version, cli_executable, run_server
-from tests.test_lifecycle import Load, fresh_registry
-from tests.test_service import metric_samples, records, value
+from tests.conftest import (
+    POLL,
+    REFUSED,
+    Load,
+    Server,
+    add_version,
+    cli_executable,
+    failures,
+    fresh_registry,
+    log_entries,
+    records,
+    run_server,
+    wait_until,
+)
 from training.cli import main
 from training.demo_data import generate_payments
-
-POLL = "0.3"  # seconds between the service's pointer checks
-REFUSED = "model not loaded; keeping the serving one"  # the service's log message
 
 
 @pytest.fixture(scope="module")
@@ -63,42 +71,18 @@ def copy_version(reg: Registry, src: str, tmp: Path) -> str:
 # ---------------------------------------------------------------- helpers
 
 
-class Steady(Load):
-    """test_lifecycle's load (two client threads, each keeping its connection), paced so that
-    it leaves the two cores room for the rest: a request every 20 ms or so per thread."""
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as c:
-            deadline = time.monotonic() + 120  # bounded, whatever happens
-            while not self.stop.wait(0.02) and time.monotonic() < deadline:
-                try:
-                    r = c.post("/v1/score", json={"records": self.recs})
-                    version = r.json()["model"]["version"] if r.status_code == 200 else None
-                    self.results.append((r.status_code, version))
-                except httpx.HTTPError:
-                    self.results.append((0, None))
-
-
 @contextlib.contextmanager
 def served_under_load(
     reg: Registry, tmp_path: Path, recs: list[dict[str, Any]]
-) -> Iterator[tuple[Server, httpx.Client, Steady]]:
+) -> Iterator[tuple[Server, httpx.Client]]:
     """``serve --registry`` with a short poll, a client, and steady scoring traffic."""
     env = {"VAE_ANOMALY_POLL_INTERVAL": POLL}
     with (
         run_server(["serve", "--registry", str(reg.root)], tmp_path, env=env) as s,
         httpx.Client(base_url=s.url, timeout=30) as c,
-        Steady(s.url, recs) as load,
+        Load(s.url, recs, pace=0.02) as load,
     ):
         yield s, c, load
-
-
-def wait_until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 def scores(c: httpx.Client, recs: list[dict[str, Any]]) -> tuple[str, list[float]]:
@@ -114,23 +98,6 @@ def answers(c: httpx.Client, recs: list[dict[str, Any]], version: str, ref: list
     request may share an onnxruntime call with others)."""
     got_version, got = scores(c, recs)
     return got_version == version and got == pytest.approx(ref, rel=1e-6)
-
-
-def failures(c: httpx.Client) -> float:
-    return value(metric_samples(c), "vae_anomaly_model_reloads_total", result="failure")
-
-
-def log_entries(server: Server, msg: str) -> list[dict[str, Any]]:
-    """The server's JSON log lines whose message is ``msg``."""
-    out = []
-    for line in server.logs().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("msg") == msg:
-            out.append(entry)
-    return out
 
 
 def registry_entries(reg: Registry) -> tuple[list[str], list[str]]:
@@ -208,7 +175,7 @@ def test_unreadable_registry_keeps_the_model_and_recovers(
         with (
             run_server(args, tmp_path, env={"VAE_ANOMALY_POLL_INTERVAL": POLL}, exe=exe) as s,
             httpx.Client(base_url=s.url, timeout=30) as c,
-            Steady(s.url, recs) as load,
+            Load(s.url, recs, pace=0.02) as load,
         ):
             version, ref = scores(c, recs)
             assert version == v1
@@ -479,7 +446,7 @@ def test_killed_worker_is_replaced_and_the_service_keeps_answering(
 
         wait_until(lambda: len(worker_pids(s.proc.pid)) == 2, "two workers")
         workers = worker_pids(s.proc.pid)
-        with Steady(s.url, recs) as load:
+        with Load(s.url, recs, pace=0.02) as load:
             on_new_connections_until(
                 lambda: all(records_scored_by(prom, p) > 0 for p in workers),
                 "both workers serve requests",

@@ -10,19 +10,26 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from service.bundle import MANIFEST_FILE, MODEL_FILE, read_bundle
 from service.registry import STALE_SECONDS, Registry, RegistryError, new_version
-from tests.conftest import Server, add_version, cli_executable, run_server
-from tests.test_service import metric_samples, records, value
+from tests.conftest import (
+    Load,
+    Server,
+    add_version,
+    cli_executable,
+    fresh_registry,
+    metric_samples,
+    records,
+    run_server,
+    value,
+)
 from training.cli import main
 from training.data import fingerprint
 from training.demo_data import generate_payments, labelled
@@ -37,11 +44,6 @@ def two_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, s
     v1 = add_version(reg, generate_payments(1500, seed=60), seed=1, promote=True)
     v2 = add_version(reg, generate_payments(1500, seed=61), seed=2)
     return reg.root, v1, v2
-
-
-def fresh_registry(src: tuple[Path, str, str], tmp: Path) -> Registry:
-    shutil.copytree(src[0], tmp / "registry")
-    return Registry(tmp / "registry")
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -312,45 +314,6 @@ def test_retrain_gate_failure_does_not_promote_unless_forced(
 
 
 # ---------------------------------------------------------------- hot reload in the service
-
-
-class Load:
-    """A steady request load from two client threads, recording every response."""
-
-    def __init__(self, url: str, recs: list[dict[str, Any]]) -> None:
-        self.url, self.recs = url, recs
-        self.results: list[tuple[int, str | None]] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run) for _ in range(2)]
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as c:
-            deadline = time.monotonic() + 120  # bounded, whatever happens
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                try:
-                    r = c.post("/v1/score", json={"records": self.recs})
-                    version = r.json()["model"]["version"] if r.status_code == 200 else None
-                    self.results.append((r.status_code, version))
-                except httpx.HTTPError:
-                    self.results.append((0, None))
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-
-    def wait_for(self, version: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.results and self.results[-1][1] == version:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"responses never switched to {version}")
 
 
 @pytest.fixture

@@ -25,8 +25,7 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 from service import v2_binary
 from service.bundle import Manifest, read_bundle
 from service.errors import BadRequest
-from tests.conftest import Server, free_port, run_server
-from tests.test_service import metric_samples, records, value
+from tests.conftest import Server, free_port, metric_samples, records, run_server, value
 from training.demo_data import generate_payments, make_anomalies
 
 KEY = "protocol-key"

@@ -20,8 +20,7 @@ import pytest
 from service.bundle import read_bundle
 from service.registry import GATE_FILE, Registry
 from service.sink import SCORED_BY, VERDICT
-from tests.conftest import cli_executable, run_server
-from tests.test_service import records
+from tests.conftest import cli_executable, records, run_server
 from training.demo_data import generate_payments, labelled, make_anomalies
 from training.retrain import _flags, binomial_tail_bound, flagged_check
 

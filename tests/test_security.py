@@ -16,8 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.bundle import read_bundle
-from tests.conftest import Server, cli_executable, run_server
-from tests.test_service import records
+from tests.conftest import Server, cli_executable, records, run_server
 from training.demo_data import generate_payments
 
 KEYS = ("k-alpha-0123456789", "k-beta-9876543210")

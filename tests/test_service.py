@@ -13,30 +13,15 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.bundle import read_bundle
 from service.features import encode_columns
 from service.runtime import open_bundle
-from tests.conftest import Server, run_server
+from tests.conftest import Server, metric_samples, records, run_server, value
 from training.demo_data import generate_payments, make_anomalies
 
 MAX_RECORDS = 100
 MAX_BODY = 64 * 1024
-
-
-def records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """JSON-ready records: NaN/None become null (as a client would send them)."""
-    out = []
-    for rec in df.to_dict(orient="records"):
-        out.append(
-            {
-                k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else v)
-                for k, v in rec.items()
-                if k != "anomaly_kind"
-            }
-        )
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -52,22 +37,6 @@ def server(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def client(server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=30) as c:
         yield c
-
-
-def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    r = client.get("/metrics")
-    assert r.status_code == 200
-    out = {}
-    for fam in text_string_to_metric_families(r.text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], metric: str, /, **labels: str
-) -> float:
-    return samples.get((metric, tuple(sorted(labels.items()))), 0.0)
 
 
 # ---------------------------------------------------------------- scoring

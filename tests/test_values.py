@@ -25,8 +25,15 @@ from service import values
 from service.bundle import CategoricalFeature, NumericFeature, read_bundle
 from service.features import encode_columns
 from service.values import STABLE_UNSEEN_RATE, Invalid, parse
-from tests.conftest import Server, cli_executable, run_server, small_config
-from tests.test_service import metric_samples, records, value
+from tests.conftest import (
+    Server,
+    cli_executable,
+    metric_samples,
+    records,
+    run_server,
+    small_config,
+    value,
+)
 from training.data import DataError, column_values
 from training.demo_data import generate_payments
 from training.train import train_bundle
