@@ -24,10 +24,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 from service import __version__, admin, logs, metrics, native, v2
 from service.auth import Secrets, require_api_key, require_metadata_key
-from service.batching import MicroBatcher
 from service.errors import InvalidRecords, ServiceError, Timeout
 from service.http import JSON
 from service.lifecycle import ModelManager
+from service.microbatch import MicroBatcher
 from service.parser_process import ParserProcess
 from service.scoring import Scorer
 from service.settings import Settings, load_settings

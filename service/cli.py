@@ -277,7 +277,7 @@ def refuse_if_it_fails_to_run(reg: Registry, version: str) -> None:
 
 def cmd_score(a: argparse.Namespace) -> int:
     from service.api import resolve
-    from service.batch import BatchError, score_file
+    from service.bulk import BatchError, score_file
     from service.registry import RegistryError
 
     if a.engine == "spark":
@@ -344,7 +344,7 @@ def cmd_drift(a: argparse.Namespace) -> int:
     import json
 
     from service.api import resolve
-    from service.batch import BatchError
+    from service.bulk import BatchError
     from service.drift_report import DRIFTED, drift_file, verdict, write_html
     from service.registry import RegistryError
 

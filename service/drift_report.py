@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from service import tables
-from service.batch import BatchError, read_chunks
+from service.bulk import BatchError, read_chunks
 from service.bundle import BucketReference, Bundle, Manifest
 from service.drift import Buckets, psi, score_counts
 from service.features import Encoder

@@ -13,7 +13,6 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
-from service.batching import MicroBatcher
 from service.errors import (
     ClientClosed,
     InvalidJSON,
@@ -21,6 +20,7 @@ from service.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from service.microbatch import MicroBatcher
 from service.parser_process import ParserProcess
 from service.scoring import Scored, Scorer
 from service.settings import Settings
