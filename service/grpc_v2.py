@@ -80,21 +80,20 @@ def _data(t: Any, raw: bytes | None) -> list[Any]:
         raise BadRequest(f"input {t.name!r}: a BYTES element is not UTF-8 text") from None
 
 
-def request_json(req: pb.ModelInferRequest) -> dict[str, Any]:
-    """The JSON inference request a gRPC one stands for (parsed by the REST path's parser)."""
+def request_json(req: pb.ModelInferRequest) -> tuple[dict[str, Any], int]:
+    """The JSON inference request a gRPC one stands for (parsed by the REST path's parser),
+    and the number of values in it."""
     raw = req.raw_input_contents
     if raw and len(raw) != len(req.inputs):
         raise BadRequest(f"{len(raw)} raw_input_contents for {len(req.inputs)} inputs")
     inputs = []
+    size = 0
     for i, t in enumerate(req.inputs):
         if raw and t.HasField("contents"):
             raise BadRequest(f"input {t.name!r}: both contents and raw_input_contents")
-        tensor: dict[str, Any] = {
-            "name": t.name,
-            "datatype": t.datatype,
-            "shape": list(t.shape),
-            "data": _data(t, raw[i] if raw else None),
-        }
+        data = _data(t, raw[i] if raw else None)
+        size += len(data)
+        tensor = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape), "data": data}
         if t.parameters:
             tensor["parameters"] = {k: _param(v) for k, v in t.parameters.items()}
         inputs.append(tensor)
@@ -105,7 +104,7 @@ def request_json(req: pb.ModelInferRequest) -> dict[str, Any]:
         body["parameters"] = {k: _param(v) for k, v in req.parameters.items()}
     if req.outputs:
         body["outputs"] = [{"name": o.name} for o in req.outputs]
-    return body
+    return body, size
 
 
 def response_message(out: dict[str, Any], arrays: dict[str, Any]) -> pb.ModelInferResponse:
@@ -158,7 +157,7 @@ class InferenceService:
         return pb.ModelReadyResponse(ready=True)
 
     async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
-        check_key(self.state.api_keys, dict(context.invocation_metadata() or ()))
+        self._check_key(context)
         meta = v2.metadata(self._model(request.name, request.version))
         tensors = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -169,11 +168,16 @@ class InferenceService:
             outputs=[tensors(**t) for t in meta["outputs"]],
         )
 
+    def _check_key(self, context: Any) -> None:
+        keys = self.state.api_keys
+        if keys is not None:  # else open: the call's metadata is not even read
+            check_key(keys, dict(context.invocation_metadata() or ()))
+
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
-        check_key(self.state.api_keys, dict(context.invocation_metadata() or ()))
+        self._check_key(context)
         scorer = self._model(request.model_name, request.model_version)
-        body = request_json(request)
-        out, arrays = await v2.run_infer(self.state, scorer, self.settings, body)
+        body, size = request_json(request)
+        out, arrays = await v2.run_infer(self.state, scorer, self.settings, body, size)
         return response_message(out, arrays)
 
 

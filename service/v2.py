@@ -122,6 +122,33 @@ def _inputs(
     return [*(f for f in m.features if f.name not in derived), *m.datetime_columns]
 
 
+Feature = NumericFeature | BooleanFeature | CategoricalFeature | DateTimeColumn
+
+
+class _Plan:
+    """What the parser needs of one model, worked out once (not per request): the inputs
+    by name, the names a request may carry, every column a request ends up with."""
+
+    def __init__(self, m: Manifest) -> None:
+        self.feats: dict[str, Feature] = {f.name: f for f in _inputs(m)}
+        self.known = frozenset(self.feats) | frozenset(m.ignored_columns)
+        self.columns = [*self.feats, *timefeatures.derived_names(m)]
+        self.score_types = frozenset(m.score_types)
+
+
+_plans: dict[tuple[str, str], _Plan] = {}
+
+
+def _plan(m: Manifest) -> _Plan:
+    key = (m.name, m.version)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) > 8:  # models come and go (reloads): keep a few
+            _plans.clear()
+        plan = _plans[key] = _Plan(m)
+    return plan
+
+
 def check_model(scorer: Scorer, name: str, version: str | None) -> None:
     m = scorer.manifest
     if name != m.name:
@@ -337,8 +364,9 @@ def _parse(body: Any, m: Manifest, settings: Settings) -> Parsed:
         params = {}
     if not isinstance(params, dict):
         raise BadRequest("'parameters' must be an object")
+    plan = _plan(m)
     score_type = params.get("score_type")
-    if score_type is not None and score_type not in m.score_types:
+    if score_type is not None and score_type not in plan.score_types:
         raise BadRequest(f"parameter score_type must be one of {m.score_types}")
     by_name: dict[str, dict[str, Any]] = {}
     for t in inputs:
@@ -348,9 +376,9 @@ def _parse(body: Any, m: Manifest, settings: Settings) -> Parsed:
         if tname in by_name:
             raise BadRequest(f"input {tname!r} is given twice")
         by_name[tname] = t
-    feats = {f.name: f for f in _inputs(m)}
-    unknown = sorted(set(by_name) - set(feats) - set(m.ignored_columns))
-    if unknown and settings.unknown_fields == "reject":
+    feats = plan.feats
+    if settings.unknown_fields == "reject" and not by_name.keys() <= plan.known:
+        unknown = sorted(by_name.keys() - plan.known)
         raise BadRequest(f"unknown input(s) {unknown}; the model's inputs are {sorted(feats)}")
     columns: dict[str, list[Any]] = {}
     for fname, f in feats.items():
@@ -372,8 +400,9 @@ def _parse(body: Any, m: Manifest, settings: Settings) -> Parsed:
     n = lengths.pop() if lengths else 0
     if n == 0 or n > settings.max_records:
         raise BadRequest(f"a request holds 1 to {settings.max_records} records, this one {n}")
-    for fname in [*feats, *timefeatures.derived_names(m)]:
-        columns.setdefault(fname, [None] * n)
+    if len(columns) < len(plan.columns):
+        for fname in plan.columns:
+            columns.setdefault(fname, [None] * n)
     wanted = body.get("outputs")
     names = list(OUTPUTS)
     if wanted is not None:
@@ -489,10 +518,12 @@ def _size(body: Any) -> int:
 
 
 async def run_infer(
-    state: State, scorer: Scorer, settings: Settings, body: Any
+    state: State, scorer: Scorer, settings: Settings, body: Any, size: int | None = None
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Validate and score an inference request given as JSON (gRPC comes here)."""
-    parsed = await offload(_size(body), _parse, body, scorer.manifest, settings)
+    """Validate and score an inference request given as JSON (gRPC comes here; ``size``: its
+    values, when the caller has counted them)."""
+    size = _size(body) if size is None else size
+    parsed = await offload(size, _parse, body, scorer.manifest, settings)
     return await respond(state, scorer, parsed)
 
 

@@ -190,7 +190,7 @@ def endpoints(bundle: Path, sizes: list[int]) -> list[Endpoint]:
     from training.demo_data import generate_payments
 
     m = read_bundle(bundle).manifest
-    df = generate_payments(max(sizes), seed=7)
+    df = generate_payments(max(*sizes, 1000), seed=7)
     # binary tensors have no null: missing values take a value the column has (same for all)
     df = df.fillna({c: df[c].dropna().iloc[0] for c in df.columns[df.isna().any()]})
     js = {"Content-Type": "application/json"}
