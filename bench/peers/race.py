@@ -334,7 +334,11 @@ def main() -> int:
     p.add_argument("--big-conns", type=int, default=2)
     p.add_argument("--only", help="comma-separated server names (default: all)")
     p.add_argument("--json", type=Path, help="also write every measurement here")
+    p.add_argument("--table", type=Path, help="only print a --json file as a Markdown table")
     a = p.parse_args()
+    if a.table is not None:
+        print(markdown(json.loads(a.table.read_text())))
+        return 0
     if a.bundle is None:
         from training.cli import demo_bundle
 
@@ -381,6 +385,32 @@ def report(results: dict[tuple[str, int, int], list[Any]], out: Path | None) -> 
               f"{p99:7.2f} {cpu:8.0f}")  # fmt: skip
     if out is not None:
         out.write_text(json.dumps(rows, indent=1))
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """One line per endpoint: req/s, p50 and p99 by concurrency, big requests' rows/s, and
+    the server's CPU per single-record request at the highest concurrency."""
+    by: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["endpoint"], {})[(r["records"], r["conns"])] = r
+    single = sorted({c for cells in by.values() for n, c in cells if n == 1})
+    head = [f"c={c}: req/s, p50 / p99 ms" for c in single]
+    out = [
+        "| endpoint | " + " | ".join(head) + " | 1,000-record requests: rows/s | "
+        f"server CPU per request, c={single[-1]} |",
+        "|---" * (len(single) + 3) + "|",
+    ]
+    for label, cells in by.items():
+        cols = []
+        for c in single:
+            r = cells.get((1, c))
+            cols.append(f"{r['req_s']:,.0f}, {r['p50_ms']:.1f} / {r['p99_ms']:.1f}" if r else "")
+        big = [r for (n, _), r in cells.items() if n > 1]
+        cols.append(f"{big[0]['rows_s']:,.0f}" if big else "")
+        top = cells.get((1, single[-1]))
+        cols.append(f"{top['cpu_us']:.0f} µs" if top else "")
+        out.append(f"| {label} | " + " | ".join(cols) + " |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

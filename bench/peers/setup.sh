@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates one venv per peer server, outside the repo, with pinned versions, for the race in
 # bench/peers/race.py. Each peer gets the same onnxruntime as ours so only the server differs.
+# Needs Python 3.11 (as the project) and PyPI; the race itself also needs wrk (apt-get install wrk).
 # Usage: bash bench/peers/setup.sh [ROOT]   (ROOT defaults to /work/peer-venvs)
 set -euo pipefail
 ROOT="${1:-${PEER_VENVS:-/work/peer-venvs}}"
@@ -21,5 +22,5 @@ for name in mlserver kserve bentoml; do
   "$PY" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q "${PINS[$name]}" "$ORT"
-  "$venv/bin/python" -c "import $name, onnxruntime; print('$name', $name.__version__ if hasattr($name, '__version__') else '', 'onnxruntime', onnxruntime.__version__)"
+  "$venv/bin/python" -c "from importlib.metadata import version as v; print('$name', v('$name'), 'onnxruntime', v('onnxruntime'))"
 done
