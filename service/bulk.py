@@ -29,24 +29,18 @@ import pyarrow.parquet as pq
 from service.api import OUTPUTS, Model
 from service.bundle import Bundle, Manifest, client_fields
 from service.cpus import usable_cpus
-
-FORMATS = {
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-}
+from service.errors import VaeAnomalyError
+from service.tables import UNKNOWN_FORMAT, file_format
 
 
-class BatchError(ValueError):
+class BatchError(VaeAnomalyError, ValueError):
     """A bulk scoring job that cannot run, with the reason."""
 
 
 def _format(path: Path) -> str:
-    kind = FORMATS.get(path.suffix.lower())
+    kind = file_format(path)
     if kind is None:
-        raise BatchError(f"{path}: unknown file type {path.suffix!r}; use .csv, .parquet or .jsonl")
+        raise BatchError(f"{path}: " + UNKNOWN_FORMAT.format(suffix=path.suffix))
     return kind
 
 
