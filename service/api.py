@@ -192,6 +192,7 @@ class Model:
     ) -> list[dict[str, Any]]:
         """The HTTP API's results for JSON-like records, validated as ``POST /v1/score``
         validates them (raises :class:`service.errors.InvalidRecords`)."""
+        # lazy: the HTTP layer (FastAPI, prometheus-client) only for this method
         from service.native import records_to_columns, results_json
 
         s = settings or load_settings(max_records=max(1, len(records)))

@@ -25,6 +25,7 @@ import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from service.api import OUTPUTS, Model
 from service.bundle import Bundle, Manifest, client_fields
@@ -84,14 +85,20 @@ def read_chunks(path: Path, size: int) -> Iterator[tuple[pd.DataFrame, dict[int,
     kind = _format(path)
     if not path.is_file():
         raise BatchError(f"{path}: no such file")
-    if kind == "csv":
-        for chunk in pd.read_csv(path, chunksize=size):
-            yield chunk, {}
-    elif kind == "jsonl":
+    if kind == "jsonl":  # read line by line: a line that is no record is one row's error
         yield from _jsonl_chunks(path, size)
-    else:
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=size):
-            yield rb.to_pandas(), {}
+        return
+    try:
+        if kind == "csv":
+            for chunk in pd.read_csv(path, chunksize=size):
+                yield chunk, {}
+        else:
+            for rb in pq.ParquetFile(path).iter_batches(batch_size=size):
+                yield rb.to_pandas(), {}
+    # how pandas and pyarrow say a file is not what its name says (ParserError, invalid UTF-8,
+    # ArrowInvalid: all ValueErrors): the file's fault, not ours
+    except (ValueError, pa.ArrowException) as e:
+        raise BatchError(f"{path}: cannot read it as {kind.upper()}: {e}") from e
 
 
 def _jsonl_record(line: bytes) -> tuple[dict[str, Any], str | None]:
@@ -253,8 +260,6 @@ def score_file(
     writer = Writer(out)
     bar: Any = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(desc="scoring", unit=" rows", unit_scale=True, dynamic_ncols=True)
     start = time.perf_counter()
     try:

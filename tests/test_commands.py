@@ -14,11 +14,17 @@ from pathlib import Path
 import pytest
 
 from service import models_cli
-from service.bundle import write_bundle_atomic
+from service.api import SchemaError
+from service.bulk import BatchError
+from service.bundle import BundleError, write_bundle_atomic
 from service.cli import TRAINING_COMMANDS, main
-from service.errors import DiskFull, VaeAnomalyError
-from service.registry import Registry
+from service.errors import DiskFull, MissingExtra, VaeAnomalyError
+from service.registry import Registry, RegistryError
+from service.settings import SettingsError
+from training.config import ConfigError
+from training.data import DataError
 from training.demo_data import generate_payments
+from training.export import ExportError
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_HINT = "pip install 'vae-anomaly[train]'"
@@ -90,12 +96,28 @@ def test_an_install_without_an_extra_names_it(
         text=True,
         timeout=120,
         cwd=tmp_path,
+        env={**os.environ, "VAE_ANOMALY_HOME": str(tmp_path)},  # no demo model there yet
     )
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr == (
         f"error: `{argv[0]}` needs more than this install (missing {blocked}): "
         f"pip install 'vae-anomaly[{extra}]'\n"
     )
+
+
+@pytest.mark.slow
+def test_the_command_line_loads_no_torch_nor_pandas_until_a_command_needs_them() -> None:
+    """`serve` and `models` run in the trainer's install too: building the command line must
+    not cost them torch's seconds and hundreds of MB."""
+    code = (
+        "import sys\n"
+        "from service.cli import build_parser\n"
+        "names = [a.dest for a in build_parser()._subparsers._group_actions[0]._choices_actions]\n"
+        "print(names, [m for m in ('torch', 'pandas') if m in sys.modules])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{[*TRAINING_COMMANDS, 'serve', 'score', 'drift', 'models']} []"
 
 
 def test_a_domain_error_is_one_line_and_its_exit_code(
@@ -118,6 +140,15 @@ def test_a_domain_error_is_one_line_and_its_exit_code(
     )
     assert code == 2 and err.startswith("error: 4 calibration record(s)"), err
     assert "calibration_fraction" in err and not (tmp_path / "b").exists()
+
+
+def test_every_domain_error_has_the_one_base() -> None:
+    """What main() reports in one line: the errors of bundles, registries, settings, bulk
+    scoring, training data, config and export, a full disk, a missing extra."""
+    for cls in (BundleError, RegistryError, SettingsError, SchemaError, BatchError):
+        assert issubclass(cls, VaeAnomalyError), cls
+    for cls in (DataError, ConfigError, ExportError, DiskFull, MissingExtra):
+        assert issubclass(cls, VaeAnomalyError), cls
 
 
 def test_a_bug_keeps_its_traceback(
@@ -189,3 +220,32 @@ def test_a_full_disk_is_a_domain_error_and_leaves_nothing(
     else:
         assert not isinstance(e.value, VaeAnomalyError)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "name,content,says",
+    [
+        ("d.parquet", b"amount,hour\n1,2\n", "cannot read it as PARQUET: Parquet magic bytes"),
+        ("d.csv", b'amount,hour\n"1,2\n', "cannot read it as CSV: Error tokenizing data"),
+        ("d.csv", b"amount,hour\n\xff\xfe,1\n", "cannot read it as CSV: 'utf-8' codec"),
+    ],
+)
+@pytest.mark.parametrize("command", ["score", "drift"])
+def test_a_file_that_is_not_its_format_is_one_line(
+    bundle_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    content: bytes,
+    says: str,
+    command: str,
+) -> None:
+    """The readers' own errors (pandas, pyarrow: ValueErrors) are the file's fault: one line,
+    exit 2, nothing written; not a traceback."""
+    data = tmp_path / name
+    data.write_bytes(content)
+    out = ["--out", str(tmp_path / "o.csv"), "--quiet"] if command == "score" else []
+    html = ["--html", str(tmp_path / "r.html")] if command == "drift" else []
+    code, _, err = run(capsys, command, str(bundle_dir), str(data), *out, *html)
+    assert code == 2 and err.startswith(f"error: {data}: {says}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]

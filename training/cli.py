@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.bundle import Manifest
 from service.cli import (
@@ -24,10 +24,13 @@ from service.cli import (
 from service.errors import VaeAnomalyError
 from service.registry import Registry
 from training.config import ConfigError, TrainConfig, load_config
-from training.data import fingerprint, read_table
-from training.demo_data import generate_payments, labelled
-from training.retrain import Retrained, inherited_config, retrain
-from training.train import Result, train_bundle
+
+if TYPE_CHECKING:
+    from training.retrain import Retrained
+    from training.train import Result
+
+# Each command imports torch and pandas when it runs, not when the command line is built for
+# any command: `serve` or `models list` would wait seconds for torch and hold its ~300 MB.
 
 DEMO_ROWS = 20_000
 DEMO_EPOCHS = 60  # enough for the demo's 20,000 records to stop early, in about a minute
@@ -109,6 +112,8 @@ def _config(a: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainC
 
 def _retrain_config(a: argparse.Namespace, reg: Registry) -> TrainConfig:
     """The serving version's config, with what the flags (and --config) override."""
+    from training.retrain import inherited_config  # lazy: torch (see above)
+
     serving = reg.serving()
     if serving is None:
         return _config(a)
@@ -127,6 +132,9 @@ def _print_warnings(r: Result) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from training.data import fingerprint, read_table  # lazy: pandas (see above)
+    from training.train import train_bundle  # lazy: torch (see above)
+
     cfg = _config(a)
     df = read_table(a.data)
     reg = Registry(a.registry, create=True) if a.registry else None
@@ -159,6 +167,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_retrain(a: argparse.Namespace) -> int:
+    from training.retrain import retrain  # lazy: torch (see above)
+
     reg = Registry(a.registry)
     cfg = _retrain_config(a, reg)
     rt = retrain(a.data, reg, cfg, progress=not a.quiet, **options(a, *GATE_FLAGS))
@@ -207,6 +217,8 @@ def _retrain_outcome(a: argparse.Namespace, reg: Registry, rt: Retrained) -> int
 
 
 def cmd_sample_data(a: argparse.Namespace) -> int:
+    from training.demo_data import generate_payments, labelled  # lazy: pandas (see above)
+
     df = labelled(a.rows, a.anomalies, a.seed) if a.anomalies else generate_payments(a.rows, a.seed)
     out = Path(a.out)
     if out.suffix == ".parquet":
@@ -230,6 +242,9 @@ def demo_bundle(progress: bool = True, registry: Path | None = None) -> Path:
     path = home() / "demo" / "payments"
     if reg is None and (path / "manifest.json").exists():
         return path
+    from training.demo_data import generate_payments  # lazy: pandas (see above)
+    from training.train import train_bundle  # lazy: torch (see above)
+
     print(f"training the demo model on {DEMO_ROWS} sample payments (once) ...", file=sys.stderr)
     cfg = TrainConfig(name="demo-payments", exclude=["transaction_id"], epochs=DEMO_EPOCHS)
     r = train_bundle(

@@ -11,6 +11,7 @@ import onnx
 import torch
 
 from service.bundle import SCORE_TYPES
+from service.errors import VaeAnomalyError
 from service.runtime import OnnxModel
 from training.model import ScoringGraph
 
@@ -24,7 +25,7 @@ EXPORTER_NOISE = (
 )
 
 
-class ExportError(RuntimeError):
+class ExportError(VaeAnomalyError):
     """The exported graph is missing or does not reproduce torch."""
 
 
