@@ -56,6 +56,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low`` (else a usage error naming the flag)."""
+
+    def integer(text: str) -> int:
+        n = int(text)  # a ValueError: argparse says "invalid integer value"
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+
+    return integer
+
+
 def options(a: argparse.Namespace, *names: str) -> dict[str, Any]:
     """The flags ``names`` (their dests, named as the parameters they become), as keywords."""
     return {n: getattr(a, n) for n in names}
@@ -242,7 +254,7 @@ def _add_score(sub: Subparsers) -> None:
     b.add_argument("--out", type=Path, required=True, help=".csv, .parquet or .jsonl to write")
     b.add_argument(
         "--explain",
-        type=int,
+        type=at_least(0),
         default=0,
         metavar="N",
         help="add a top_features column: the N features that drove each score",
@@ -258,10 +270,10 @@ def _add_score(sub: Subparsers) -> None:
     b.add_argument(
         "--score", dest="score_type", choices=["elbo", "recon", "iwae"], help="score type"
     )
-    b.add_argument("--chunk-size", type=int, default=100_000, help="records per chunk")
+    b.add_argument("--chunk-size", type=at_least(1), default=100_000, help="records per chunk")
     b.add_argument(
         "--threads",
-        type=int,
+        type=at_least(0),
         default=0,
         help="onnxruntime threads (0: the CPUs this process may use)",
     )
@@ -285,8 +297,10 @@ def _add_drift(sub: Subparsers) -> None:
     d.add_argument("data", type=Path, help="CSV, Parquet or JSON Lines file")
     d.add_argument("--html", type=Path, default=Path("drift-report.html"), help="report to write")
     d.add_argument("--json", action="store_true", help="print the figures as JSON")
-    d.add_argument("--chunk-size", type=int, default=100_000, help="records per chunk")
-    d.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    d.add_argument("--chunk-size", type=at_least(1), default=100_000, help="records per chunk")
+    d.add_argument(
+        "--threads", type=at_least(0), default=0, help="onnxruntime threads (0: all cores)"
+    )
     d.set_defaults(func=cmd_drift, extra="batch")
 
 

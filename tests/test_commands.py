@@ -249,3 +249,22 @@ def test_a_file_that_is_not_its_format_is_one_line(
     code, _, err = run(capsys, command, str(bundle_dir), str(data), *out, *html)
     assert code == 2 and err.startswith(f"error: {data}: {says}") and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["sample-data", "--out", "x.csv", "--rows", "-5"], "--rows"),  # was a traceback
+        (["sample-data", "--out", "x.csv", "--anomalies", "-1"], "--anomalies"),
+        (["score", "m", "d.csv", "--out", "o.csv", "--chunk-size", "0"], "--chunk-size"),
+        (["score", "m", "d.csv", "--out", "o.csv", "--explain", "-2"], "--explain"),
+        (["drift", "m", "d.csv", "--threads", "-1"], "--threads"),
+    ],
+)
+def test_a_count_out_of_range_is_a_usage_error(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert f"error: argument {flag}: must be at least" in capsys.readouterr().err

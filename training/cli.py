@@ -17,6 +17,7 @@ from service.cli import (
     TRAINING_COMMANDS,
     Subparsers,
     add_serve_arguments,
+    at_least,
     options,
     serve,
     settings_from_args,
@@ -369,10 +370,10 @@ def register(sub: Subparsers) -> None:
     _add_retrain(sub)
     s = sub.add_parser("sample-data", help=TRAINING_COMMANDS["sample-data"])
     s.add_argument("--out", type=Path, required=True, help=".csv, .parquet or .jsonl file")
-    s.add_argument("--rows", type=int, default=10_000, help="normal records")
+    s.add_argument("--rows", type=at_least(0), default=10_000, help="normal records")
     s.add_argument(
         "--anomalies",
-        type=int,
+        type=at_least(0),
         default=0,
         help="anomalous records to mix in (adds an is_anomaly 0/1 column)",
     )

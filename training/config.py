@@ -182,7 +182,9 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"config {p}: must be a table/object of settings")
     if base:
-        raw = {**base, **raw, "columns": {**base.get("columns", {}), **raw.get("columns", {})}}
+        cols = raw.get("columns", {})  # not a table: validation below says so
+        cols = {**base.get("columns", {}), **cols} if isinstance(cols, dict) else cols
+        raw = {**base, **raw, "columns": cols}
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return TrainConfig.model_validate(raw)
