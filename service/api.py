@@ -26,6 +26,7 @@ import pandas as pd
 
 from service import tables, timefeatures, values
 from service.bundle import Bundle, Manifest, client_fields, read_bundle
+from service.errors import VaeAnomalyError
 from service.registry import Registry
 from service.scoring import Scored, Scorer, top_features
 from service.settings import Settings, load_settings
@@ -33,8 +34,8 @@ from service.settings import Settings, load_settings
 OUTPUTS = ("score", "is_anomaly", "percentile", "unusual", "error")  # the result columns
 
 
-class SchemaError(ValueError):
-    """A table that lacks a column the model needs."""
+class SchemaError(VaeAnomalyError, ValueError):
+    """A table that lacks a column the model needs, or a score type the model lacks."""
 
 
 def resolve(path: str | os.PathLike[str]) -> Bundle:
@@ -46,10 +47,10 @@ def resolve(path: str | os.PathLike[str]) -> Bundle:
 
 
 def score_type_of(m: Manifest, score_type: str | None) -> str:
-    """``score_type``, or the model's default; ValueError if the model has no such score."""
+    """``score_type``, or the model's default; SchemaError if the model has no such score."""
     st = score_type or m.default_score
     if st not in m.score_types:
-        raise ValueError(f"score type {st!r} is not one of {m.score_types}")
+        raise SchemaError(f"score type {st!r} is not one of {m.score_types}")
     return st
 
 
@@ -191,6 +192,7 @@ class Model:
     ) -> list[dict[str, Any]]:
         """The HTTP API's results for JSON-like records, validated as ``POST /v1/score``
         validates them (raises :class:`service.errors.InvalidRecords`)."""
+        # lazy: the HTTP layer (FastAPI, prometheus-client) only for this method
         from service.native import records_to_columns, results_json
 
         s = settings or load_settings(max_records=max(1, len(records)))

@@ -25,28 +25,23 @@ import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from service.api import OUTPUTS, Model
 from service.bundle import Bundle, Manifest, client_fields
 from service.cpus import usable_cpus
-
-FORMATS = {
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-}
+from service.errors import VaeAnomalyError
+from service.tables import UNKNOWN_FORMAT, file_format
 
 
-class BatchError(ValueError):
+class BatchError(VaeAnomalyError, ValueError):
     """A bulk scoring job that cannot run, with the reason."""
 
 
 def _format(path: Path) -> str:
-    kind = FORMATS.get(path.suffix.lower())
+    kind = file_format(path)
     if kind is None:
-        raise BatchError(f"{path}: unknown file type {path.suffix!r}; use .csv, .parquet or .jsonl")
+        raise BatchError(f"{path}: " + UNKNOWN_FORMAT.format(suffix=path.suffix))
     return kind
 
 
@@ -90,14 +85,20 @@ def read_chunks(path: Path, size: int) -> Iterator[tuple[pd.DataFrame, dict[int,
     kind = _format(path)
     if not path.is_file():
         raise BatchError(f"{path}: no such file")
-    if kind == "csv":
-        for chunk in pd.read_csv(path, chunksize=size):
-            yield chunk, {}
-    elif kind == "jsonl":
+    if kind == "jsonl":  # read line by line: a line that is no record is one row's error
         yield from _jsonl_chunks(path, size)
-    else:
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=size):
-            yield rb.to_pandas(), {}
+        return
+    try:
+        if kind == "csv":
+            for chunk in pd.read_csv(path, chunksize=size):
+                yield chunk, {}
+        else:
+            for rb in pq.ParquetFile(path).iter_batches(batch_size=size):
+                yield rb.to_pandas(), {}
+    # how pandas and pyarrow say a file is not what its name says (ParserError, invalid UTF-8,
+    # ArrowInvalid: all ValueErrors): the file's fault, not ours
+    except (ValueError, pa.ArrowException) as e:
+        raise BatchError(f"{path}: cannot read it as {kind.upper()}: {e}") from e
 
 
 def _jsonl_record(line: bytes) -> tuple[dict[str, Any], str | None]:
@@ -259,8 +260,6 @@ def score_file(
     writer = Writer(out)
     bar: Any = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(desc="scoring", unit=" rows", unit_scale=True, dynamic_ncols=True)
     start = time.perf_counter()
     try:

@@ -36,6 +36,8 @@ from typing import Annotated, Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from service.errors import DiskFull, VaeAnomalyError, no_room
+
 FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -55,7 +57,7 @@ MAX_MANIFEST_BYTES = 8 << 20
 MAX_JSON_DEPTH = 32  # the manifest nests 5 levels; pydantic and json recurse per level
 
 
-class BundleError(Exception):
+class BundleError(VaeAnomalyError):
     """A bundle that cannot be used: missing files, bad manifest, checksum or format mismatch."""
 
 
@@ -377,15 +379,23 @@ def read_regular(path: Path, limit: int) -> bytes:
     return data
 
 
+def sha256_hex(data: bytes | BinaryIO, limit: int | None = None, name: object = "") -> str:
+    """The sha256 (hex) of ``data``: bytes, or a binary file read to its end in blocks (a
+    BundleError if the file ``name`` holds more than ``limit`` bytes: it grew while read)."""
+    if isinstance(data, bytes):
+        return hashlib.sha256(data).hexdigest()
+    h = hashlib.sha256()
+    for block in iter(lambda: data.read(1 << 20), b""):
+        h.update(block)
+        if limit is not None and data.tell() > limit:
+            raise BundleError(f"{name}: grew over the limit of {limit} bytes while read")
+    return h.hexdigest()
+
+
 def sha256_file(path: Path, limit: int = MAX_MODEL_BYTES) -> str:
     """sha256 of a regular file of at most ``limit`` bytes (see :func:`open_regular`)."""
-    h = hashlib.sha256()
     with open_regular(path, limit) as (f, _):
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            if f.tell() > limit:
-                raise BundleError(f"{path}: grew over the limit of {limit} bytes while read")
-    return h.hexdigest()
+        return sha256_hex(f, limit, path)
 
 
 class Bundle:
@@ -505,8 +515,8 @@ def write_bundle_atomic(
 
     ``fill(tmp)`` writes the files into a temporary directory beside ``dest``; each is fsynced,
     then the directory is renamed into place. On any error the temporary directory is removed
-    and ``dest`` is untouched; a failed write (a full disk) is raised as an OSError naming
-    ``dest``.
+    and ``dest`` is untouched; a write that failed for want of room is raised as DiskFull
+    naming ``dest``.
     """
     dest = Path(dest).absolute()
     if dest.exists() and not overwrite:
@@ -533,11 +543,9 @@ def write_bundle_atomic(
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not dest.exists():
             os.rename(old, dest)
-        if isinstance(e, OSError) and e.errno and e.filename is None and not placed:
-            # a failed write (a full disk) names no file: say which bundle, and that it is not there
-            raise OSError(
-                e.errno, f"cannot write the bundle {dest} ({e.strerror}); nothing was written"
-            ) from e
+        if no_room(e) and not placed:
+            why = getattr(e, "strerror", e)
+            raise DiskFull(f"cannot write the bundle {dest} ({why}); nothing was written") from e
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -1,26 +1,51 @@
-"""``vae-anomaly serve``: start the scoring service (uvicorn) on a model bundle."""
+"""The ``vae-anomaly`` command line: anomaly detection for tabular records with a VAE.
+
+One entry point, :func:`main`. The service's commands (serve, score, drift, models) live here;
+training adds its own (train, retrain, sample-data, demo: training/cli.py) when it is installed
+with the ``train`` extra; without it they are listed all the same and say what to install.
+Exit codes (docs/operations.md): 0 done, 2 an error explained in one line (``error: ...``), 3 a
+retraining not promoted, 1 a bug (with its traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import glob
+import importlib
 import importlib.util
+import json
 import os
 import resource
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeAlias
 
+import uvicorn
 from pydantic import SecretStr
 
-from service.bundle import BundleError, schema_changes
-from service.registry import Registry, RegistryError
+from service import logs, models_cli
+from service.errors import MissingExtra, VaeAnomalyError
 from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 
-WARM_UP_TIMEOUT = 60.0  # seconds: `models promote` stops a model that runs longer
+Command = Callable[[argparse.Namespace], int]
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+DESCRIPTION = "Anomaly detection for tabular records with a variational autoencoder."
+TRAINING_CLI = "training.cli"  # its register(subparsers) adds training's commands
+# The commands training adds, with their help: listed even where training is not installed.
+TRAINING_COMMANDS = {
+    "train": "fit a model on normal records and write a bundle",
+    "retrain": "fit a new version on new normal data; gate; promote",
+    "sample-data": "write sample payment records (the demo data)",
+    "demo": "serve the demo model (trained on sample data if absent)",
+}
+# Top-level modules of the optional extras: a command that misses one names its extra.
+EXTRA_MODULES = {"torch", "pandas", "pyarrow", "onnx", "onnxscript", "tqdm", "matplotlib"}
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +54,23 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="worker processes (1)")
     p.add_argument("--grpc-port", type=int, help="also serve the V2 gRPC API on this port")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low`` (else a usage error naming the flag)."""
+
+    def integer(text: str) -> int:
+        n = int(text)  # a ValueError: argparse says "invalid integer value"
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+
+    return integer
+
+
+def options(a: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The flags ``names`` (their dests, named as the parameters they become), as keywords."""
+    return {n: getattr(a, n) for n in names}
 
 
 def settings_from_args(a: argparse.Namespace, **extra: object) -> Settings:
@@ -46,42 +88,44 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def serve(settings: Settings) -> int:
-    """Check the bundle, then run uvicorn (blocking) with the settings passed to every worker."""
-    from service.registry import RegistryError
+def _prometheus_dir(settings: Settings) -> str | None:
+    """Several workers share their metrics through files: the folder for them, set in the
+    environment before prometheus-client is first imported."""
+    if settings.workers <= 1:
+        return None
+    mp = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="vae-anomaly-prom-")
+    Path(mp).mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp
+    return mp
+
+
+def check_start(settings: Settings) -> None:
+    """Refuse to start on a broken setting, or with no model that loads, with the reason."""
+    # lazy: it imports prometheus-client, which reads PROMETHEUS_MULTIPROC_DIR once, at import
+    from service.lifecycle import preflight
 
     if settings.bundle is None and settings.registry is None:
+        raise SettingsError(
+            f"no model: give --bundle DIR or --registry DIR (or set {ENV_PREFIX}BUNDLE "
+            f"or {ENV_PREFIX}REGISTRY)"
+        )
+    version, refused = preflight(settings)
+    if refused:
         print(
-            f"error: no model: give --bundle DIR or --registry DIR (or set {ENV_PREFIX}BUNDLE "
-            f"or {ENV_PREFIX}REGISTRY)",
+            f"warning: the serving version cannot be loaded ({refused}); serving {version}, "
+            "the newest earlier serving version that loads",
             file=sys.stderr,
         )
-        return 2
-    mp = None
-    if settings.workers > 1:  # before prometheus-client is imported
-        mp = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
-            prefix="vae-anomaly-prom-"
-        )
-        Path(mp).mkdir(parents=True, exist_ok=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp
-    from service.lifecycle import preflight  # imports prometheus-client
+    settings.admin_secret()
+    settings.api_key_list()
+    if settings.grpc_port is not None and importlib.util.find_spec("grpc") is None:
+        raise SettingsError("--grpc-port needs the grpc extra: pip install 'vae-anomaly[grpc]'")
 
-    try:
-        # refuse to start on a broken setting, or with no model that loads, with the reason
-        version, refused = preflight(settings)
-        if refused:
-            print(
-                f"warning: the serving version cannot be loaded ({refused}); serving {version}, "
-                "the newest earlier serving version that loads",
-                file=sys.stderr,
-            )
-        settings.admin_secret()
-        settings.api_key_list()
-        if settings.grpc_port is not None and importlib.util.find_spec("grpc") is None:
-            raise SettingsError("--grpc-port needs the grpc extra: pip install 'vae-anomaly[grpc]'")
-    except (BundleError, RegistryError, OSError, SettingsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def serve(settings: Settings) -> int:
+    """Check the bundle, then run uvicorn (blocking) with the settings passed to every worker."""
+    mp = _prometheus_dir(settings)
+    check_start(settings)
     # workers are separate processes: they read the same settings from the environment
     for name, value in settings.model_dump(exclude_none=True).items():
         if isinstance(value, SecretStr):
@@ -90,10 +134,6 @@ def serve(settings: Settings) -> int:
     if mp is not None:
         for f in glob.glob(os.path.join(mp, "*.db")):  # counters start from zero (the check's too)
             os.unlink(f)
-    import uvicorn
-
-    from service import logs
-
     logs.setup(settings.log_level)
     # One process: once uvicorn has drained on SIGTERM it raises the signal again, and the
     # process would end "killed by SIGTERM" (143) after a clean shutdown. Exit 0, as the
@@ -121,183 +161,19 @@ def serve(settings: Settings) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(a, bundle=a.bundle, registry=a.registry)
-    except SettingsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return serve(settings)
-
-
-def cmd_models(a: argparse.Namespace) -> int:
-    """list | show [VERSION] | promote VERSION | rollback | prune --keep N"""
-    from service.registry import Registry, RegistryError
-
-    try:
-        reg = Registry(a.registry)
-        if a.action == "list":
-            _list_versions(reg, a.service, a.api_key)
-        elif a.action == "show":
-            version = a.version or reg.serving()
-            if version is None:
-                raise RegistryError("no version is serving; name one")
-            _show_version(reg, version, a.json)
-        elif a.action == "promote":
-            if not a.version:
-                raise RegistryError("promote which version?")
-            refuse_if_it_fails_to_run(reg, a.version)
-            p = reg.promote(a.version, allow_schema_change=a.allow_schema_change)
-            print(f"serving {p.serving} (rollback would return to {p.rollback_target or '-'})")
-        elif a.action == "rollback":
-            p = reg.rollback()
-            print(f"rolled back: serving {p.serving}")
-        elif a.action == "prune":
-            removed = reg.prune(a.keep)
-            print(
-                f"removed {len(removed)} version(s)"
-                + (": " + ", ".join(removed) if removed else "")
-            )
-    except (RegistryError, BundleError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def service_version(url: str, api_key: str | None) -> str:
-    """The version a running service loaded (its ``GET /v1/model``)."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url.rstrip("/") + "/v1/model")
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return str(json.loads(r.read(1 << 20))["version"])
-    except urllib.error.HTTPError as e:
-        raise OSError(f"{url}: GET /v1/model answered {e.code}") from e
-    except (urllib.error.URLError, ValueError, KeyError, TypeError) as e:
-        raise OSError(f"{url}: cannot ask the service which model it loaded: {e}") from e
-
-
-def _list_versions(reg: Registry, service: str | None, api_key: str | None) -> None:
-    """One line per version; * marks the pointer's. With a service: what it actually runs, and
-    whether it refused the pointer's version (and why, if the features changed)."""
-    p = reg.pointer()
-    loaded = service_version(service, api_key) if service else None
-    versions = reg.versions()
-    if not versions:
-        print(f"{reg.root}: no versions yet")
-    for v in versions:
-        marks = []
-        if v == p.serving:
-            marks.append("serving")
-        elif v == p.rollback_target:
-            marks.append("rollback target")
-        if v == loaded:
-            marks.append("loaded by the service")
-        elif service and v == p.serving:
-            changes = (
-                schema_changes(reg.read(loaded).manifest, reg.read(v).manifest)
-                if loaded in versions
-                else []
-            )
-            why = (
-                f"refused: it changes the features ({'; '.join(changes)})"
-                if changes
-                else "refused, or not reloaded yet: see its log"
-            )
-            marks.append(f"NOT LOADED by the service, which runs {loaded}: {why}")
-        try:
-            m = reg.read(v).manifest
-            info = (
-                f"{m.name}  created {m.created_at:%Y-%m-%d %H:%M:%S}  "
-                f"rows {m.data.rows}  parent {m.parent_version or '-'}"
-            )
-        except (BundleError, RegistryError) as e:
-            info = f"BROKEN: {e}"
-        mark = "".join(f"  [{x}]" for x in marks)
-        print(f"{'*' if v == p.serving else ' '} {v}  {info}{mark}")
-
-
-def _show_version(reg: Registry, version: str, raw: bool) -> None:
-    import json
-
-    m = reg.read(version).manifest
-    gate = reg.gate(version)
-    if raw:
-        doc = {k: v for k, v in m.model_dump(mode="json").items() if k != "distributions"}
-        print(json.dumps({**doc, "gate": gate} if gate else doc, indent=2))
-        return
-    kinds = ", ".join(
-        f"{f.name} ({f.kind}{', nullable' if f.nullable else ''})" for f in m.features
-    )
-    c = m.config
-    lines = [
-        f"{m.name} {m.version}" + ("  [serving]" if reg.serving() == version else ""),
-        f"created {m.created_at:%Y-%m-%d %H:%M:%S %Z}; parent {m.parent_version or '-'}",
-        f"data: {m.data.source}, {m.data.rows} records ({m.data.train_rows} train, "
-        f"{m.data.calibration_rows} calibration, {m.data.anomaly_rows} labelled anomalies)",
-        f"features: {kinds}",
-        f"ignored columns: {', '.join(m.ignored_columns) or '-'}",
-        f"config: exclude {c.get('exclude') or '-'}, label {c.get('label_column') or '-'}, "
-        f"hidden {c.get('hidden')}, latent {c.get('latent')}, epochs {c.get('epochs')}",
-        f"threshold ({m.default_score}) {m.thresholds[m.default_score].value:.4f} "
-        f"for a {m.target_fpr:g} false-positive rate",
-    ]
-    if gate is None:
-        lines.append("gate: none (trained with `train`, not `retrain`)")
-    else:
-        d = gate.get("data", {})
-        lines.append(
-            f"gate: {'passed' if gate.get('passed') else 'FAILED'}"
-            f"{', forced' if gate.get('forced') else ''}; against {gate.get('serving') or '-'} "
-            f"on {d.get('held_out_for_gate')} held-out of {d.get('records')} new records"
-        )
-        lines += [
-            f"  [{'pass' if ch.get('passed') else 'FAIL'}] {ch.get('name')}: {ch.get('detail')}"
-            for ch in gate.get("checks", [])
-        ]
-    lines.append(f"more: vae-anomaly models show {version} --json --registry {reg.root}")
-    print("\n".join(lines))
-
-
-def refuse_if_it_fails_to_run(reg: Registry, version: str) -> None:
-    """Load and warm up ``version`` as the service would: refuse to promote what every
-    worker would refuse."""
-    from service.registry import RegistryError
-    from service.runtime import check_runs, open_bundle
-
-    try:
-        check_runs(*open_bundle(reg.read(version)), timeout=WARM_UP_TIMEOUT)
-    except BundleError as e:
-        raise RegistryError(f"version {version} is broken, not promoted: {e}") from e
+    return serve(settings_from_args(a, bundle=a.bundle, registry=a.registry))
 
 
 def cmd_score(a: argparse.Namespace) -> int:
-    from service.api import resolve
-    from service.bulk import BatchError, score_file
-    from service.registry import RegistryError
-
     if a.engine == "spark":
         return cmd_score_spark(a)
-    try:
-        bundle = resolve(a.model)
-        s = score_file(
-            bundle,
-            a.data,
-            a.out,
-            ids=a.id_column,
-            score_type=a.score,
-            chunk_size=a.chunk_size,
-            threads=a.threads,
-            explain=a.explain,
-            progress=not a.quiet,
-        )
-    except (BatchError, BundleError, RegistryError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # lazy: pandas and pyarrow come with the batch extra, not with serve
+    from service.api import resolve
+    from service.bulk import score_file
+
+    bundle = resolve(a.model)
+    flags = options(a, "ids", "score_type", "chunk_size", "threads", "explain")
+    s = score_file(bundle, a.data, a.out, progress=not a.quiet, **flags)
     m = bundle.manifest
     print(
         f"scored {s.rows} records with {m.name} {m.version} in {s.seconds:.1f} s "
@@ -319,20 +195,13 @@ def cmd_score(a: argparse.Namespace) -> int:
 
 
 def cmd_score_spark(a: argparse.Namespace) -> int:
-    from service.registry import RegistryError
-
-    try:
+    try:  # lazy: pyspark is the user's (their cluster's version), not one of our extras
         from service.spark import run_job
-    except ImportError as e:  # pyspark is the user's, not one of our extras
-        print(f"error: --engine spark needs pyspark ({e})", file=sys.stderr)
-        return 2
-    try:
-        rows, anomalies = run_job(
-            a.model, str(a.data), str(a.out), master=a.master, score_type=a.score
-        )
-    except (BundleError, RegistryError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ImportError as e:
+        raise VaeAnomalyError(f"--engine spark needs pyspark ({e})") from e
+    rows, anomalies = run_job(
+        a.model, str(a.data), str(a.out), master=a.master, score_type=a.score_type
+    )
     share = anomalies / rows if rows else 0.0
     print(
         f"scored {rows} records with Spark; {anomalies} anomalies ({share:.2%}); written to {a.out}"
@@ -341,20 +210,13 @@ def cmd_score_spark(a: argparse.Namespace) -> int:
 
 
 def cmd_drift(a: argparse.Namespace) -> int:
-    import json
-
+    # lazy: pandas comes with the batch extra, not with serve
     from service.api import resolve
-    from service.bulk import BatchError
     from service.drift_report import DRIFTED, drift_file, verdict, write_html
-    from service.registry import RegistryError
 
-    try:
-        bundle = resolve(a.model)
-        result = drift_file(bundle, a.data, chunk_size=a.chunk_size, threads=a.threads)
-        write_html(result, a.html)
-    except (BatchError, BundleError, RegistryError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    bundle = resolve(a.model)
+    result = drift_file(bundle, a.data, chunk_size=a.chunk_size, threads=a.threads)
+    write_html(result, a.html)
     if a.json:
         print(json.dumps(result.as_json(), indent=2))
         return 0
@@ -370,7 +232,7 @@ def cmd_drift(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_serve(sub: Subparsers) -> None:
     s = sub.add_parser("serve", help="serve a model bundle (or a registry's serving version)")
     src = s.add_mutually_exclusive_group()
     src.add_argument("--bundle", type=Path, help="model bundle directory")
@@ -380,6 +242,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     add_serve_arguments(s)
     s.set_defaults(func=cmd_serve)
 
+
+def _add_score(sub: Subparsers) -> None:
     b = sub.add_parser("score", help="score a file of records offline (CSV, Parquet, JSONL)")
     b.add_argument("model", type=Path, help="a bundle, or a registry (its serving version)")
     b.add_argument(
@@ -390,23 +254,26 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     b.add_argument("--out", type=Path, required=True, help=".csv, .parquet or .jsonl to write")
     b.add_argument(
         "--explain",
-        type=int,
+        type=at_least(0),
         default=0,
         metavar="N",
         help="add a top_features column: the N features that drove each score",
     )
     b.add_argument(
         "--id-column",
+        dest="ids",
         nargs="+",
         metavar="COL",
         help="columns copied to the output (default: the columns training ignored, "
         "such as ids, that the file has)",
     )
-    b.add_argument("--score", choices=["elbo", "recon", "iwae"], help="score type")
-    b.add_argument("--chunk-size", type=int, default=100_000, help="records per chunk")
+    b.add_argument(
+        "--score", dest="score_type", choices=["elbo", "recon", "iwae"], help="score type"
+    )
+    b.add_argument("--chunk-size", type=at_least(1), default=100_000, help="records per chunk")
     b.add_argument(
         "--threads",
-        type=int,
+        type=at_least(0),
         default=0,
         help="onnxruntime threads (0: the CPUs this process may use)",
     )
@@ -419,8 +286,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--out is a folder of Parquet files; needs pyspark)",
     )
     b.add_argument("--master", help="for --engine spark: the Spark master (default: Spark's)")
-    b.set_defaults(func=cmd_score)
+    b.set_defaults(func=cmd_score, extra="batch")
 
+
+def _add_drift(sub: Subparsers) -> None:
     d = sub.add_parser(
         "drift", help="drift of a file against a model's reference: PSI and KS per feature"
     )
@@ -428,27 +297,72 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     d.add_argument("data", type=Path, help="CSV, Parquet or JSON Lines file")
     d.add_argument("--html", type=Path, default=Path("drift-report.html"), help="report to write")
     d.add_argument("--json", action="store_true", help="print the figures as JSON")
-    d.add_argument("--chunk-size", type=int, default=100_000, help="records per chunk")
-    d.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
-    d.set_defaults(func=cmd_drift)
+    d.add_argument("--chunk-size", type=at_least(1), default=100_000, help="records per chunk")
+    d.add_argument(
+        "--threads", type=at_least(0), default=0, help="onnxruntime threads (0: all cores)"
+    )
+    d.set_defaults(func=cmd_drift, extra="batch")
 
-    m = sub.add_parser("models", help="list, show, promote, roll back or prune registry versions")
-    m.add_argument("action", choices=["list", "show", "promote", "rollback", "prune"])
-    m.add_argument("version", nargs="?", help="for show (default: serving) and promote")
-    m.add_argument("--registry", type=Path, required=True, help="the model registry")
-    m.add_argument("--keep", type=int, default=5, help="for prune: versions to keep (5)")
-    m.add_argument("--json", action="store_true", help="for show: the whole manifest, as JSON")
-    m.add_argument(
-        "--service", metavar="URL", help="for list: also show what this running service loaded"
-    )
-    m.add_argument(
-        "--api-key",
-        default=os.environ.get("VAE_ANOMALY_API_KEY"),
-        help="for list --service: API key, if the service needs one ($VAE_ANOMALY_API_KEY)",
-    )
-    m.add_argument(
-        "--allow-schema-change",
-        action="store_true",
-        help="for promote: accept a version whose features differ from the serving one's",
-    )
-    m.set_defaults(func=cmd_models)
+
+def _needs_train_extra(a: argparse.Namespace) -> int:
+    raise MissingExtra(a.command, "train", a.missing)
+
+
+def add_training_commands(sub: Subparsers) -> None:
+    """Training's commands, added by its ``register(subparsers)`` when it can be imported;
+    else listed all the same, each saying which extra to install."""
+    try:
+        # The one place the service side reaches for training, by name so that no service module
+        # imports it: training, torch and pandas come with the train extra, not with serve.
+        register = importlib.import_module(TRAINING_CLI).register
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in {"training", *EXTRA_MODULES}:
+            raise
+        for name, text in TRAINING_COMMANDS.items():
+            p = sub.add_parser(name, help=f"{text} (needs the train extra)", add_help=False)
+            p.set_defaults(func=_needs_train_extra, missing=e.name)  # takes any arguments
+        return
+    register(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vae-anomaly", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="command", required=True)
+    add_training_commands(sub)
+    _add_serve(sub)
+    _add_score(sub)
+    _add_drift(sub)
+    models_cli.add_models(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; a VaeAnomalyError (or an OSError: a file, a permission, the network)
+    ends it with ``error: <message>`` on stderr and the error's exit code."""
+    # before torch loads OpenMP: with --threads N > 1, threads that wait at a barrier sleep
+    # instead of spinning, which costs little idle and keeps a fit beside busy processes from
+    # slowing down many times over (bench/busy_training.py)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.func is not _needs_train_extra:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return _run(args)
+    except (VaeAnomalyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code if isinstance(e, VaeAnomalyError) else 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    func: Command = args.func
+    try:
+        return func(args)
+    except ModuleNotFoundError as e:  # an optional dependency of this command
+        if (e.name or "").split(".")[0] not in EXTRA_MODULES:
+            raise
+        raise MissingExtra(args.command, getattr(args, "extra", "train"), e.name) from e
+
+
+if __name__ == "__main__":
+    sys.exit(main())

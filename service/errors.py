@@ -1,10 +1,46 @@
-"""One error base class carrying its HTTP status; the app turns it into a JSON body."""
+"""The two error bases. :class:`VaeAnomalyError`: a problem the user can fix (a bad file, setting,
+bundle or registry, a full disk), which the command line reports in one line with its exit code.
+:class:`ServiceError`: an HTTP error carrying its status, which the app turns into a JSON body."""
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from pydantic import BaseModel
+
+# a write that failed for want of room: the disk, the user's quota, the file-size limit
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class VaeAnomalyError(Exception):
+    """A problem the user can fix, explained by its message. ``vae-anomaly`` prints
+    ``error: <message>`` and exits with ``exit_code``; any other exception is a bug and keeps
+    its traceback."""
+
+    exit_code = 2
+
+
+class MissingExtra(VaeAnomalyError):
+    """A command whose optional dependencies are not installed."""
+
+    def __init__(self, command: str, extra: str, missing: str | None = None) -> None:
+        why = f" (missing {missing})" if missing else ""
+        super().__init__(
+            f"`{command}` needs more than this install{why}: pip install 'vae-anomaly[{extra}]'"
+        )
+
+
+class DiskFull(VaeAnomalyError):
+    """A write failed for want of room; what was being written is left as it was."""
+
+
+def no_room(e: BaseException) -> bool:
+    """Whether ``e`` is a write that failed for want of room (see :data:`NO_ROOM`)."""
+    return isinstance(e, OSError) and e.errno in NO_ROOM
+
+
+# ---------------------------------------------------------------- HTTP errors
 
 
 class ServiceError(Exception):

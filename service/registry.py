@@ -38,6 +38,7 @@ from service.bundle import (
     read_regular,
     schema_changes,
 )
+from service.errors import DiskFull, VaeAnomalyError, no_room
 
 POINTER = "pointer.json"
 GATE_FILE = "gate.json"  # a retrained version's promotion-gate decision (training/retrain.py)
@@ -53,7 +54,7 @@ def new_version(at: datetime | None = None) -> str:
     return (at or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
 
 
-class RegistryError(Exception):
+class RegistryError(VaeAnomalyError):
     """A registry operation that cannot be done, with the reason."""
 
 
@@ -73,7 +74,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
     The file is made readable by all (mkstemp makes it private), like the bundles: the service
     often runs as another user than the one who trains and promotes. A write that fails (a full
-    disk) leaves ``path`` as it was and no temporary file, and raises RegistryError saying so.
+    disk) leaves ``path`` as it was and no temporary file, and raises DiskFull (for want of room)
+    or RegistryError saying so.
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
@@ -88,7 +90,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            raise RegistryError(f"cannot write {path} ({e.strerror or e}); it is unchanged") from e
+            why = f"cannot write {path} ({e.strerror or e}); it is unchanged"
+            raise (DiskFull(why) if no_room(e) else RegistryError(why)) from e
         raise
     fsync_dir(path.parent)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from pathlib import Path
@@ -23,6 +22,7 @@ from service.bundle import (
     NumericFeature,
     read_bundle,
     read_regular,
+    sha256_hex,
 )
 from service.features import Encoder
 
@@ -55,7 +55,7 @@ class OnnxModel:
             data = read_regular(Path(model_path), MAX_MODEL_BYTES)
         except OSError as e:
             raise BundleError(f"{model_path}: unreadable model file: {e}") from e
-        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        if sha256 is not None and sha256_hex(data) != sha256:
             raise BundleError(f"{model_path}: sha256 does not match the manifest (changed?)")
         try:
             self.session = ort.InferenceSession(

@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.errors import VaeAnomalyError
+
 ENV_PREFIX = "VAE_ANOMALY_"
 
 
@@ -119,7 +121,7 @@ class Settings(BaseSettings):
         return keys
 
 
-class SettingsError(ValueError):
+class SettingsError(VaeAnomalyError, ValueError):
     """A bad setting, with a message naming it (as its environment variable)."""
 
 

@@ -3,11 +3,28 @@ and bulk scoring read a table's cells exactly as the service reads JSON values."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from service import values
 from service.values import Invalid
+
+# the files training and bulk scoring read, by extension
+FORMATS = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+UNKNOWN_FORMAT = "unknown file type {suffix!r}; use .csv, .parquet or .jsonl"
+
+
+def file_format(path: Path) -> str | None:
+    """``csv``, ``parquet`` or ``jsonl`` by the file's extension; None for any other."""
+    return FORMATS.get(path.suffix.lower())
 
 
 def column(

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 
 from service.bundle import read_bundle
+from service.cli import main
 from service.features import encode_columns
 from service.runtime import open_bundle
 from service.values import never_normal
 from tests.conftest import cli_executable
-from training.cli import main
 from training.demo_data import generate_payments, make_anomalies
 
 

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from service.bundle import read_bundle
+from service.cli import main
 from tests.conftest import cli_executable
-from training.cli import main
 from training.demo_data import generate_payments
 
 FAST = ["--epochs", "3", "--quiet", "--exclude", "transaction_id"]

@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 
 from service.bundle import DateTimeColumn, Manifest, client_fields, read_bundle
+from service.cli import main
 from service.sink import SCORED_BY, VERDICT
 from service.timefeatures import derive
 from tests.conftest import Server, cli_executable, run_server
-from training.cli import main
 from training.config import ColumnConfig, TrainConfig, load_config
 from training.data import DataError, prepare, read_table
 from training.retrain import _scores

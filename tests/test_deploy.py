@@ -54,6 +54,7 @@ def test_dockerfiles_lint_clean_and_follow_the_rules() -> None:
     service = (DEPLOY / "Dockerfile.service").read_text()
     instructions = [ln for ln in service.splitlines() if not ln.lstrip().startswith("#")]
     assert not any("torch" in ln for ln in instructions) and '".[serve]"' in service
+    assert not any("training" in ln for ln in instructions)  # the service image has none
     assert service.count("FROM ") == 2  # multi-stage
     assert "USER 10001" in service and "HEALTHCHECK" in service and "/readyz" in service
     assert 'VOLUME ["/models"]' in service

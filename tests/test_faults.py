@@ -27,6 +27,7 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.bundle import MANIFEST_FILE, MODEL_FILE, read_bundle
+from service.cli import main
 from service.registry import POINTER, VERSIONS, Registry, new_version
 from tests.conftest import (
     POLL,
@@ -42,7 +43,6 @@ from tests.conftest import (
     run_server,
     wait_until,
 )
-from training.cli import main
 from training.demo_data import generate_payments
 
 

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from service.bundle import MANIFEST_FILE, MODEL_FILE, read_bundle
+from service.cli import main
 from service.registry import STALE_SECONDS, Registry, RegistryError, new_version
 from tests.conftest import (
     Load,
@@ -30,7 +31,6 @@ from tests.conftest import (
     run_server,
     value,
 )
-from training.cli import main
 from training.data import fingerprint
 from training.demo_data import generate_payments, labelled
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 TAIL_MIN_EXCEEDANCES = 20  # below this many expected false alarms, fit the tail instead
+MIN_SCORES = 10  # the tail fit needs at least this many scores
 
 
 def threshold_for_fpr(scores: np.ndarray, fpr: float) -> tuple[float, str]:
@@ -19,8 +20,8 @@ def threshold_for_fpr(scores: np.ndarray, fpr: float) -> tuple[float, str]:
     """
     s = np.sort(np.asarray(scores, dtype=np.float64))
     n = len(s)
-    if n < 10:
-        raise ValueError(f"{n} calibration scores; at least 10 are needed")
+    if n < MIN_SCORES:
+        raise ValueError(f"{n} calibration scores; at least {MIN_SCORES} are needed")
     if n * fpr >= TAIL_MIN_EXCEEDANCES:
         k = math.ceil((n + 1) * (1 - fpr))
         return float(s[min(k, n) - 1]), "conformal order statistic"

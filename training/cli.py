@@ -1,7 +1,7 @@
-"""The ``vae-anomaly`` command line.
+"""The training commands of ``vae-anomaly`` (train, retrain, sample-data, demo).
 
-Torch is imported only by the commands that train, so the service's install (no torch) can run
-``serve`` and the rest.
+service/cli.py owns the command line and calls :func:`register` when training is installed
+(with torch: the ``train`` extra).
 """
 
 from __future__ import annotations
@@ -9,30 +9,51 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.cli import add_commands, add_serve_arguments
+from service.bundle import Manifest
+from service.cli import (
+    TRAINING_COMMANDS,
+    Subparsers,
+    add_serve_arguments,
+    at_least,
+    options,
+    serve,
+    settings_from_args,
+)
+from service.errors import VaeAnomalyError
+from service.registry import Registry
+from training.config import ConfigError, TrainConfig, load_config
 
 if TYPE_CHECKING:
-    from service.bundle import Manifest
-    from service.registry import Registry
-    from training.config import TrainConfig
+    from training.retrain import Retrained
     from training.train import Result
 
+# Each command imports torch and pandas when it runs, not when the command line is built for
+# any command: `serve` or `models list` would wait seconds for torch and hold its ~300 MB.
+
 DEMO_ROWS = 20_000
+DEMO_EPOCHS = 60  # enough for the demo's 20,000 records to stop early, in about a minute
+# the flags that override a config setting, by the setting's name (each flag's dest)
+CONFIG_FLAGS = ("target_fpr", "default_score", "epochs", "seed", "label_column", "name", "threads")
+# retrain's gate flags, by its parameters' names
+GATE_FLAGS = (
+    "warm_start",
+    "window",
+    "gate_fraction",
+    "max_fpr",
+    "max_flagged",
+    "auc_margin",
+    "allow_schema_change",
+    "force",
+)
 
 
 def home() -> Path:
     """Where the demo model lives: $VAE_ANOMALY_HOME, else ~/.local/share/vae-anomaly."""
     env = os.environ.get("VAE_ANOMALY_HOME")
     return Path(env) if env else Path.home() / ".local" / "share" / "vae-anomaly"
-
-
-def _fail(msg: str, code: int = 2) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return code
 
 
 def summary(r: Result) -> str:
@@ -84,19 +105,7 @@ def column_lines(m: Manifest) -> list[str]:
 
 
 def _config(a: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
-    from training.config import load_config
-
-    cfg = load_config(
-        a.config,
-        base,
-        target_fpr=a.target_fpr,
-        default_score=a.score,
-        epochs=a.epochs,
-        seed=a.seed,
-        label_column=a.label_column,
-        name=a.name,
-        threads=a.threads,
-    )
+    cfg = load_config(a.config, base, **options(a, *CONFIG_FLAGS))
     if a.exclude:
         cfg.exclude = list(dict.fromkeys([*cfg.exclude, *a.exclude]))
     return cfg
@@ -104,52 +113,47 @@ def _config(a: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainC
 
 def _retrain_config(a: argparse.Namespace, reg: Registry) -> TrainConfig:
     """The serving version's config, with what the flags (and --config) override."""
-    from training.retrain import inherited_config
+    from training.retrain import inherited_config  # lazy: torch (see above)
 
     serving = reg.serving()
     if serving is None:
         return _config(a)
     base = inherited_config(reg.read(serving).manifest)
     if a.name is not None and a.name != base["name"]:
-        raise ValueError(
+        raise ConfigError(
             f"retrain keeps the model's name ({base['name']!r}); a model named {a.name!r} is "
             f"a new model: vae-anomaly train DATA --registry REGISTRY --name {a.name}"
         )
     return _config(a, base)
 
 
-def cmd_train(a: argparse.Namespace) -> int:
-    from service.bundle import BundleError
-    from service.registry import Registry, RegistryError
-    from training.data import fingerprint, read_table
-    from training.export import ExportError
-    from training.train import train_bundle
-
-    try:
-        cfg = _config(a)
-        df = read_table(a.data)
-        reg = Registry(a.registry, create=True) if a.registry else None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # third-party chatter; our own notes are returned
-            r = train_bundle(
-                df,
-                reg.version_path if reg else a.out,
-                cfg,
-                source=str(a.data),
-                overwrite=a.overwrite,
-                data_fingerprint=fingerprint(a.data),
-                progress=not a.quiet,
-                parent_version=reg.serving() if reg else None,
-            )
-        version = r.manifest.version
-        promoted = False
-        if reg is not None and reg.serving() is None:
-            reg.promote(version)  # the registry's first model serves at once
-            promoted = True
-    except (ValueError, OSError, ExportError, RegistryError, BundleError) as e:
-        return _fail(str(e))
+def _print_warnings(r: Result) -> None:
     for w in r.warnings:
         print(f"warning: {w}", file=sys.stderr)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from training.data import fingerprint, read_table  # lazy: pandas (see above)
+    from training.train import train_bundle  # lazy: torch (see above)
+
+    cfg = _config(a)
+    df = read_table(a.data)
+    reg = Registry(a.registry, create=True) if a.registry else None
+    r = train_bundle(
+        df,
+        reg.version_path if reg else a.out,
+        cfg,
+        source=str(a.data),
+        overwrite=a.overwrite,
+        data_fingerprint=fingerprint(a.data),
+        progress=not a.quiet,
+        parent_version=reg.serving() if reg else None,
+    )
+    version = r.manifest.version
+    promoted = reg is not None and reg.serving() is None
+    if reg is not None and promoted:
+        reg.promote(version)  # the registry's first model serves at once
+    _print_warnings(r)
     print(summary(r))
     if reg is not None:
         print(
@@ -164,35 +168,13 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_retrain(a: argparse.Namespace) -> int:
-    from service.bundle import BundleError
-    from service.registry import Registry, RegistryError
-    from training.export import ExportError
-    from training.retrain import retrain
+    from training.retrain import retrain  # lazy: torch (see above)
 
-    try:
-        reg = Registry(a.registry)
-        cfg = _retrain_config(a, reg)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rt = retrain(
-                a.data,
-                reg,
-                cfg,
-                warm_start=a.warm_start,
-                window=a.window,
-                gate_fraction=a.gate_fraction,
-                max_fpr=a.max_fpr,
-                max_flagged=a.max_flagged,
-                auc_margin=a.auc_margin,
-                allow_schema_change=a.allow_schema_change,
-                force=a.force,
-                progress=not a.quiet,
-            )
-    except (ValueError, OSError, ExportError, RegistryError, BundleError) as e:
-        return _fail(str(e))
+    reg = Registry(a.registry)
+    cfg = _retrain_config(a, reg)
+    rt = retrain(a.data, reg, cfg, progress=not a.quiet, **options(a, *GATE_FLAGS))
     if rt.result is not None:
-        for w in rt.result.warnings:
-            print(f"warning: {w}", file=sys.stderr)
+        _print_warnings(rt.result)
         print(summary(rt.result))
     width = max(len(r[0]) for r in rt.table)
     new = "new " + (rt.version or "-")
@@ -205,7 +187,7 @@ def cmd_retrain(a: argparse.Namespace) -> int:
     return _retrain_outcome(a, reg, rt)
 
 
-def _retrain_outcome(a: argparse.Namespace, reg: Registry, rt: Any) -> int:
+def _retrain_outcome(a: argparse.Namespace, reg: Registry, rt: Retrained) -> int:
     if rt.version is None:
         print(
             "not retrained: the serving model flags this data far above its target rate; it "
@@ -236,7 +218,7 @@ def _retrain_outcome(a: argparse.Namespace, reg: Registry, rt: Any) -> int:
 
 
 def cmd_sample_data(a: argparse.Namespace) -> int:
-    from training.demo_data import generate_payments, labelled
+    from training.demo_data import generate_payments, labelled  # lazy: pandas (see above)
 
     df = labelled(a.rows, a.anomalies, a.seed) if a.anomalies else generate_payments(a.rows, a.seed)
     out = Path(a.out)
@@ -247,7 +229,7 @@ def cmd_sample_data(a: argparse.Namespace) -> int:
     elif out.suffix == ".csv":
         df.to_csv(out, index=False)
     else:
-        return _fail(f"{out}: use a .csv, .parquet or .jsonl file name")
+        raise VaeAnomalyError(f"{out}: use a .csv, .parquet or .jsonl file name")
     print(f"wrote {len(df)} records to {out}")
     return 0
 
@@ -255,20 +237,17 @@ def cmd_sample_data(a: argparse.Namespace) -> int:
 def demo_bundle(progress: bool = True, registry: Path | None = None) -> Path:
     """The demo model's bundle, trained on the sample payments the first time it is asked for
     (in ``registry``, if given: added and promoted when the registry serves nothing yet)."""
-    from service.registry import Registry
-
     reg = Registry(registry, create=True) if registry else None
     if reg is not None and reg.serving():
         return reg.version_path(reg.serving() or "")
     path = home() / "demo" / "payments"
     if reg is None and (path / "manifest.json").exists():
         return path
-    from training.config import TrainConfig
-    from training.demo_data import generate_payments
-    from training.train import train_bundle
+    from training.demo_data import generate_payments  # lazy: pandas (see above)
+    from training.train import train_bundle  # lazy: torch (see above)
 
     print(f"training the demo model on {DEMO_ROWS} sample payments (once) ...", file=sys.stderr)
-    cfg = TrainConfig(name="demo-payments", exclude=["transaction_id"], epochs=60)
+    cfg = TrainConfig(name="demo-payments", exclude=["transaction_id"], epochs=DEMO_EPOCHS)
     r = train_bundle(
         generate_payments(DEMO_ROWS, seed=0),
         reg.version_path if reg else path,
@@ -284,20 +263,10 @@ def demo_bundle(progress: bool = True, registry: Path | None = None) -> Path:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from service.cli import serve, settings_from_args
-    from service.registry import RegistryError
-    from service.settings import SettingsError
-
-    try:
-        settings_from_args(a)  # a bad setting stops us before any training
-        path = demo_bundle(progress=not a.quiet, registry=a.registry)
-        settings = (
-            settings_from_args(a, registry=a.registry)
-            if a.registry
-            else settings_from_args(a, bundle=path)
-        )
-    except (SettingsError, RegistryError, OSError) as e:
-        return _fail(str(e))
+    settings_from_args(a)  # a bad setting stops us before any training
+    path = demo_bundle(progress=not a.quiet, registry=a.registry)
+    source = {"registry": a.registry} if a.registry else {"bundle": path}
+    settings = settings_from_args(a, **source)
     if a.train_only:
         print(f"demo model: {path}")
         return 0
@@ -311,7 +280,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def _training_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--config", type=Path, help="TOML or JSON file of training settings")
     t.add_argument("--target-fpr", type=float, help="false-positive rate of the alarm (0.01)")
-    t.add_argument("--score", choices=["elbo", "recon", "iwae"], help="default score type")
+    t.add_argument(
+        "--score",
+        dest="default_score",
+        choices=["elbo", "recon", "iwae"],
+        help="default score type",
+    )
     t.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
     t.add_argument("--seed", type=int, help="random seed (same seed, same model)")
     t.add_argument("--exclude", nargs="+", metavar="COL", help="columns to ignore (ids, times)")
@@ -330,11 +304,8 @@ def _training_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vae-anomaly", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="fit a model on normal records and write a bundle")
+def _add_train(sub: Subparsers) -> None:
+    t = sub.add_parser("train", help=TRAINING_COMMANDS["train"])
     t.add_argument("data", type=Path, help="CSV, Parquet or JSON Lines file of normal records")
     where = t.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, help="bundle directory to create")
@@ -343,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
     t.set_defaults(func=cmd_train)
 
-    r = sub.add_parser("retrain", help="fit a new version on new normal data; gate; promote")
+
+def _add_retrain(sub: Subparsers) -> None:
+    r = sub.add_parser("retrain", help=TRAINING_COMMANDS["retrain"])
     r.add_argument(
         "data",
         type=Path,
@@ -390,19 +363,24 @@ def build_parser() -> argparse.ArgumentParser:
     _training_options(r)
     r.set_defaults(func=cmd_retrain)
 
-    s = sub.add_parser("sample-data", help="write sample payment records (the demo data)")
+
+def register(sub: Subparsers) -> None:
+    """Add the training commands to the ``vae-anomaly`` command line."""
+    _add_train(sub)
+    _add_retrain(sub)
+    s = sub.add_parser("sample-data", help=TRAINING_COMMANDS["sample-data"])
     s.add_argument("--out", type=Path, required=True, help=".csv, .parquet or .jsonl file")
-    s.add_argument("--rows", type=int, default=10_000, help="normal records")
+    s.add_argument("--rows", type=at_least(0), default=10_000, help="normal records")
     s.add_argument(
         "--anomalies",
-        type=int,
+        type=at_least(0),
         default=0,
         help="anomalous records to mix in (adds an is_anomaly 0/1 column)",
     )
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_sample_data)
 
-    d = sub.add_parser("demo", help="serve the demo model (trained on sample data if absent)")
+    d = sub.add_parser("demo", help=TRAINING_COMMANDS["demo"])
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.add_argument(
         "--registry",
@@ -412,31 +390,3 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-only", action="store_true", help="train if needed, do not serve")
     add_serve_arguments(d)
     d.set_defaults(func=cmd_demo)
-
-    add_commands(sub)
-    return p
-
-
-TRAIN_ONLY = {"torch", "pandas", "pyarrow", "onnx", "onnxscript", "tqdm", "matplotlib"}
-
-
-def main(argv: list[str] | None = None) -> int:
-    # before torch loads OpenMP: with --threads N > 1, threads that wait at a barrier sleep
-    # instead of spinning, which costs little idle and keeps a fit beside busy processes from
-    # slowing down many times over (bench/busy_training.py)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ModuleNotFoundError as e:
-        if e.name not in TRAIN_ONLY:
-            raise
-        extra = "batch" if args.command == "score" else "train"
-        return _fail(
-            f"`{args.command}` needs more than the service install (missing {e.name}): "
-            f"pip install 'vae-anomaly[{extra}]'"
-        )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import annotated_types as at
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+
+from service.errors import VaeAnomalyError
 
 ColumnType = Literal["numeric", "categorical", "boolean", "datetime"]
 TRANSFORMS = {"numeric": ("none", "log"), "datetime": ("cyclical", "drop")}
 
 
-@dataclass
-class ColumnConfig:
+class ConfigError(VaeAnomalyError, ValueError):
+    """A training setting that is wrong, with a message naming it."""
+
+
+class ColumnConfig(BaseModel):
+    """How to read one column; any setting left out is inferred from the data."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
     type: ColumnType | None = None  # None: inferred from the data
     # numeric: none or log (None: chosen from skewness); datetime: cyclical (time features) or
     # drop (left out of the model)
@@ -22,30 +34,16 @@ class ColumnConfig:
     unit: Literal["iso", "epoch_s", "epoch_ms"] | None = None  # datetime: None = ISO 8601
     timezone: Literal["local", "utc"] | None = None  # datetime: None = local (see timefeatures)
 
-    def check(self, name: str) -> None:
-        """Raise ValueError naming the column and the setting that is wrong."""
-
-        def bad(what: str) -> ValueError:
-            return ValueError(f"config: column {name!r}: {what}")
-
-        if self.type not in (None, "numeric", "categorical", "boolean", "datetime"):
-            raise bad("type must be numeric, categorical, boolean or datetime")
-        if self.unit not in (None, "iso", "epoch_s", "epoch_ms"):
-            raise bad("unit must be iso, epoch_s or epoch_ms")
-        if self.timezone not in (None, "local", "utc"):
-            raise bad("timezone must be local or utc")
+    @model_validator(mode="after")
+    def _settings_fit(self) -> ColumnConfig:
         if (self.unit or self.timezone) and self.type not in (None, "datetime"):
-            raise bad("unit and timezone are for datetime columns")
-        if self.transform is None:
-            return
-        kind = self.type or (
-            "datetime"
-            if self.unit or self.timezone or self.transform in ("cyclical", "drop")
-            else "numeric"
-        )
-        if self.transform not in TRANSFORMS.get(kind, ()):
-            allowed = " or ".join(f"{', '.join(t)} ({k})" for k, t in TRANSFORMS.items())
-            raise bad(f"transform {self.transform!r} does not fit; use {allowed}")
+            raise ValueError("unit and timezone are for datetime columns")
+        if self.transform is not None:
+            kind = self.type or ("datetime" if self.datetime else "numeric")
+            if self.transform not in TRANSFORMS.get(kind, ()):
+                allowed = " or ".join(f"{', '.join(t)} ({k})" for k, t in TRANSFORMS.items())
+                raise ValueError(f"transform {self.transform!r} does not fit; use {allowed}")
+        return self
 
     @property
     def datetime(self) -> bool:
@@ -55,89 +53,103 @@ class ColumnConfig:
         )
 
 
-@dataclass
-class TrainConfig:
+Count = Annotated[int, Field(ge=1)]
+Share = Annotated[float, Field(gt=0, le=1)]
+Fraction = Annotated[float, Field(gt=0, lt=0.5)]
+
+
+class TrainConfig(BaseModel):
+    """Every training setting, validated (on construction and on assignment)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
     # data
     name: str | None = None  # bundle name; default: the data file's stem
-    exclude: list[str] = field(default_factory=list)  # id / timestamp columns to ignore
+    exclude: list[str] = []  # id / timestamp columns to ignore
     label_column: str | None = None  # 0 = normal, 1 = anomaly (kept out of training)
-    columns: dict[str, ColumnConfig] = field(default_factory=dict)
-    max_categories: int = 100  # most frequent values kept per categorical; the rest -> unknown
+    columns: dict[str, ColumnConfig] = {}
+    max_categories: Count = 100  # most frequent values kept per categorical; the rest -> unknown
     min_category_count: int = 2  # rarer values -> unknown
     # id-like columns are left out of the model (and kept as ids for bulk scoring): integers or
     # strings with at least this share of distinct values ...
-    id_distinct_share: float = 0.95
+    id_distinct_share: Share = 0.95
     # ... or strings with more values than max_categories that would put more than this share
     # of the records in the unknown slot
-    id_unknown_share: float = 0.1
-    validation_fraction: float = 0.1  # early stopping
-    calibration_fraction: float = 0.2  # threshold and normal-score distribution
+    id_unknown_share: Share = 0.1
+    validation_fraction: Fraction = 0.1  # early stopping
+    calibration_fraction: Fraction = 0.2  # threshold and normal-score distribution
     # model (None = sized from the number of inputs)
-    hidden: list[int] | None = None
-    latent: int | None = None
-    min_std: float = 0.05  # lower bound of the decoder's std, in robust-scaled units
+    hidden: Annotated[list[int] | None, Field(min_length=1)] = None
+    latent: Annotated[int | None, Field(ge=1)] = None
+    min_std: Annotated[float, Field(gt=0)] = 0.05  # least decoder std, in robust-scaled units
     # training
-    epochs: int = 200
-    patience: int = 15  # epochs without validation improvement before stopping
-    batch_size: int = 256
-    lr: float = 1e-3
+    epochs: Count = 200
+    patience: Count = 15  # epochs without validation improvement before stopping
+    batch_size: Count = 256
+    lr: Annotated[float, Field(gt=0)] = 1e-3
     weight_decay: float = 1e-5
-    beta: float = 1.0
+    beta: Annotated[float, Field(ge=0)] = 1.0
     beta_warmup_epochs: int = 10
     seed: int = 0
-    threads: int | None = None  # torch threads; None = chosen (service/cpus.py)
+    threads: Annotated[int | None, Field(ge=1)] = None  # torch threads; None: service/cpus.py
     # scoring
-    samples: int = 16  # L posterior samples (fixed noise) per record in the exported graph
+    samples: Count = 16  # L posterior samples (fixed noise) per record in the exported graph
     default_score: Literal["elbo", "recon", "iwae"] = "elbo"
-    target_fpr: float = 0.01
+    target_fpr: Fraction = 0.01
 
-    def validate(self) -> None:
-        def bad(what: str) -> ValueError:
-            return ValueError(f"config: {what}")
-
-        if not 0 < self.target_fpr < 0.5:
-            raise bad(f"target_fpr must be in (0, 0.5), got {self.target_fpr}")
-        if not 0 < self.validation_fraction < 0.5 or not 0 < self.calibration_fraction < 0.5:
-            raise bad("validation_fraction and calibration_fraction must be in (0, 0.5)")
+    @model_validator(mode="after")
+    def _room_to_train(self) -> TrainConfig:
+        if self.hidden is not None and min(self.hidden) < 1:
+            raise ValueError(f"hidden must be a list of positive sizes, got {self.hidden}")
         if self.validation_fraction + self.calibration_fraction >= 0.8:
-            raise bad("validation_fraction + calibration_fraction leaves too little to train on")
-        for name, v in (
-            ("epochs", self.epochs),
-            ("batch_size", self.batch_size),
-            ("samples", self.samples),
-            ("patience", self.patience),
-            ("max_categories", self.max_categories),
-        ):
-            if v < 1:
-                raise bad(f"{name} must be >= 1, got {v}")
-        if self.threads is not None and self.threads < 1:
-            raise bad(f"threads must be >= 1, got {self.threads}")
-        if self.latent is not None and self.latent < 1:
-            raise bad(f"latent must be >= 1, got {self.latent}")
-        if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
-            raise bad(f"hidden must be a non-empty list of positive sizes, got {self.hidden}")
-        if self.lr <= 0 or self.beta < 0 or self.min_std <= 0:
-            raise bad("lr and min_std must be > 0, beta >= 0")
-        for name, share in (
-            ("id_distinct_share", self.id_distinct_share),
-            ("id_unknown_share", self.id_unknown_share),
-        ):
-            if not 0 < share <= 1:
-                raise bad(f"{name} must be in (0, 1], got {share}")
-        if self.default_score not in ("elbo", "recon", "iwae"):
-            raise bad(f"default_score must be elbo, recon or iwae, got {self.default_score!r}")
-        for name, c in self.columns.items():
-            c.check(name)
+            raise ValueError(
+                "validation_fraction + calibration_fraction leaves too little to train on"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting, as saved in the manifest."""
+        return self.model_dump()
 
 
-def _column(name: str, settings: Any) -> ColumnConfig:
-    known = [f.name for f in dataclasses.fields(ColumnConfig)]
-    if not isinstance(settings, dict) or not set(settings) <= set(known):
-        raise ValueError(f"config: column {name!r}: a table of settings among {known}")
-    return ColumnConfig(**settings)
+def _bound(info: FieldInfo) -> str:
+    """A field's allowed range, as ``in (0, 0.5)`` or ``>= 1``."""
+    lo = hi = ""
+    for m in info.metadata:
+        if isinstance(m, at.Gt | at.Ge):
+            lo = f"({m.gt}" if isinstance(m, at.Gt) else f"[{m.ge}"
+        elif isinstance(m, at.Lt | at.Le):
+            hi = f"{m.lt})" if isinstance(m, at.Lt) else f"{m.le}]"
+    if lo and hi:
+        return f"in {lo}, {hi}"
+    return (">" + ("= " if lo[0] == "[" else " ") + lo[1:]) if lo else "<" + hi
+
+
+def _problem(e: ErrorDetails) -> str:
+    """One validation error, in words that name the setting (and the column, for a column's)."""
+    loc = [str(x) for x in e["loc"]]
+    where = f"column {loc[1]!r}: " if loc[:1] == ["columns"] and len(loc) > 1 else ""
+    model: type[BaseModel] = ColumnConfig if where else TrainConfig
+    name = loc[2] if where and len(loc) > 2 else (loc[0] if loc and not where else "")
+    info = model.model_fields.get(name)
+    kind, got = e["type"], e.get("input")
+    if kind == "extra_forbidden":
+        known = sorted(model.model_fields)
+        if where:
+            return f"{where}a table of settings among {known}; {name!r} is not one"
+        return f"unknown setting {name!r}; known: {known}"
+    if kind == "literal_error":
+        return f"{where}{name} must be {e['ctx']['expected']}, got {got!r}"
+    if info is not None and kind.startswith(("greater_than", "less_than")):
+        return f"{where}{name} must be {_bound(info)}, got {got!r}"
+    if kind == "model_type" and where:
+        return f"{where}a table of settings among {sorted(ColumnConfig.model_fields)}"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{where}{name + ': ' if name else ''}{msg}"
+
+
+def config_error(e: ValidationError) -> ConfigError:
+    return ConfigError("config: " + "; ".join(_problem(x) for x in e.errors()))
 
 
 def load_config(
@@ -166,20 +178,15 @@ def load_config(
             text = p.read_text(encoding="utf-8")
             raw = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"config {p}: cannot read it: {e}") from e
+            raise ConfigError(f"config {p}: cannot read it: {e}") from e
         if not isinstance(raw, dict):
-            raise ValueError(f"config {p}: must be a table/object of settings")
+            raise ConfigError(f"config {p}: must be a table/object of settings")
     if base:
-        raw = {**base, **raw, "columns": {**base.get("columns", {}), **raw.get("columns", {})}}
+        cols = raw.get("columns", {})  # not a table: validation below says so
+        cols = {**base.get("columns", {}), **cols} if isinstance(cols, dict) else cols
+        raw = {**base, **raw, "columns": cols}
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"config: unknown setting(s) {unknown}; known: {sorted(known)}")
-    cols = raw.pop("columns", {}) or {}
     try:
-        cfg = TrainConfig(**raw, columns={str(k): _column(str(k), v) for k, v in cols.items()})
-    except TypeError as e:
-        raise ValueError(f"config: {e}") from e
-    cfg.validate()
-    return cfg
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        raise config_error(e) from None

@@ -5,7 +5,6 @@ Everything here raises :class:`DataError` with a message meant for the person wh
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,11 @@ from service.bundle import (
     ColumnUse,
     DateTimeColumn,
     NumericFeature,
+    sha256_hex,
 )
+from service.errors import VaeAnomalyError
 from service.values import Invalid
+from training import calibrate
 from training.columns import finish as columns_report
 from training.columns import plan as columns_plan
 from training.config import TrainConfig
@@ -31,16 +33,10 @@ from training.config import TrainConfig
 Feature = NumericFeature | BooleanFeature | CategoricalFeature
 
 MIN_ROWS = 50  # normal rows needed to train, validate and calibrate at all
-READERS = {
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-}
+MIN_CALIBRATION = calibrate.MIN_SCORES  # normal rows to set a threshold from
 
 
-class DataError(ValueError):
+class DataError(VaeAnomalyError, ValueError):
     """Training data that cannot be used, with the reason."""
 
 
@@ -56,9 +52,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if not frames:
             raise DataError(f"{p}: every .jsonl file in it is empty")
         return pd.concat(frames, ignore_index=True)
-    kind = READERS.get(p.suffix.lower())
+    kind = tables.file_format(p)
     if kind is None:
-        raise DataError(f"{p}: unknown file type {p.suffix!r}; use .csv, .parquet or .jsonl")
+        raise DataError(f"{p}: " + tables.UNKNOWN_FORMAT.format(suffix=p.suffix))
     if not p.is_file():
         raise DataError(f"{p}: no such file")
     if p.stat().st_size == 0:
@@ -89,14 +85,9 @@ def fingerprint(path: str | Path) -> str:
     """sha256 of the file (of the .jsonl files' digests, for a folder)."""
     p = Path(path)
     if p.is_dir():
-        return hashlib.sha256(
-            "".join(fingerprint(f) for f in sorted(p.glob("*.jsonl"))).encode()
-        ).hexdigest()
-    h = hashlib.sha256()
+        return sha256_hex("".join(fingerprint(f) for f in sorted(p.glob("*.jsonl"))).encode())
     with p.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_hex(f)
 
 
 def column_values(s: pd.Series, name: str, kind: str | None) -> tuple[str, np.ndarray]:
@@ -211,6 +202,12 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
     n_val = max(1, round(cfg.validation_fraction * len(normal)))
     n_cal = max(1, round(cfg.calibration_fraction * len(normal)))
     val_idx, calib_idx, train_idx = perm[:n_val], perm[n_val : n_val + n_cal], perm[n_val + n_cal :]
+    if n_cal < MIN_CALIBRATION:
+        raise DataError(
+            f"{n_cal} calibration record(s) ({cfg.calibration_fraction:g} of {len(normal)}); at "
+            f"least {MIN_CALIBRATION} are needed: give more records or a larger "
+            "calibration_fraction"
+        )
     if trainable is not None:
         val_idx, train_idx = val_idx[trainable[val_idx]], train_idx[trainable[train_idx]]
         if len(train_idx) < MIN_ROWS // 2 or not len(val_idx):

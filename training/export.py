@@ -11,15 +11,21 @@ import onnx
 import torch
 
 from service.bundle import SCORE_TYPES
+from service.errors import VaeAnomalyError
 from service.runtime import OnnxModel
 from training.model import ScoringGraph
 
 OPSET = 18
 OUTPUTS = [*SCORE_TYPES, "attribution"]
 TOLERANCE = 1e-3  # max |onnx - torch| / (1 + |torch|) over every output
+# What torch's exporter says of its own internals on every export: nothing a user can act on.
+EXPORTER_NOISE = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    (UserWarning, r"# The axis name: .* will not be used"),
+)
 
 
-class ExportError(RuntimeError):
+class ExportError(VaeAnomalyError):
     """The exported graph is missing or does not reproduce torch."""
 
 
@@ -35,7 +41,8 @@ def export_onnx(graph: ScoringGraph, inputs: dict[str, np.ndarray], path: Path) 
     batch = torch.export.Dim("batch", min=1, max=1 << 30)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+        for category, message in EXPORTER_NOISE:
+            warnings.filterwarnings("ignore", message, category)
         torch.onnx.export(
             graph,
             args,

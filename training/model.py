@@ -23,6 +23,11 @@ CLAMP = 1e4  # scaled numerics are clamped here so squares stay finite in float3
 # would name the wrong features. Clamped, the value's own likelihood makes the score, and the
 # attribution names it. Normal records lie well inside (robust units: ~1.35 per IQR).
 ENCODER_CLAMP = 8.0
+# the encoder's log-variance: a std within [0.0025, 55], so exp() stays finite in float32 and a
+# posterior never collapses to a point
+LOGVAR_MIN, LOGVAR_MAX = -12.0, 8.0
+# the least total excess NLL attribution divides by (see ScoringGraph.floor)
+ATTRIBUTION_FLOOR = 0.01
 
 
 @dataclass
@@ -148,7 +153,7 @@ class VAE(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, lv = self.encoder(x).chunk(2, dim=-1)
-        return mu, torch.clamp(lv, -12.0, 8.0)
+        return mu, torch.clamp(lv, LOGVAR_MIN, LOGVAR_MAX)
 
     def feature_nll(self, out: Tensor, s: Tensor, miss: Tensor, x_cat: Tensor | None) -> Tensor:
         """Negative log-likelihood of each feature, ``[B, n_features]``, from decoder output."""
@@ -209,7 +214,7 @@ class ScoringGraph(nn.Module):
         self.register_buffer("baseline", baseline)
         # attribution divides by at least this much excess, so the features of a record that is
         # no more unusual than a typical normal one get small shares, not a normalized 100%
-        self.register_buffer("floor", torch.tensor(0.01))
+        self.register_buffer("floor", torch.tensor(ATTRIBUTION_FLOOR))
         self.has_num = pre.layout.n_num > 0
         self.has_cat = len(pre.layout.cat_sizes) > 0
 

@@ -77,7 +77,7 @@ def serving_weights(bundle: Bundle) -> dict[str, torch.Tensor]:
 def inherited_config(parent: Manifest) -> dict[str, Any]:
     """The serving version's training settings, as the base of a retrain's config: its config,
     its name, and each feature's type and transform as it was fitted."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = set(TrainConfig.model_fields)
     base = {k: v for k, v in parent.config.items() if k in known}
     pinned = {
         f.name: {"type": f.kind, "transform": getattr(f, "transform", None)}
@@ -161,7 +161,7 @@ def read_new_data(
             df[c] = None  # an inherited id column the new data does not carry
     pinned = {f.name for f in parent.features} if parent else set()
     columns = {c: v for c, v in cfg.columns.items() if c in df.columns or c not in pinned}
-    cfg = dataclasses.replace(cfg, columns=columns)
+    cfg = cfg.model_copy(update={"columns": columns})
     label = cfg.label_column
     anomalies = df.iloc[:0]
     if label and label not in df.columns:

@@ -51,9 +51,29 @@ from training import calibrate, report
 from training.config import TrainConfig
 from training.data import Feature, Prepared, prepare
 from training.export import OPSET, compare, export_onnx, input_names
-from training.model import VAE, Layout, Preprocess, ScoringGraph, kl_normal
+from training.model import (
+    ATTRIBUTION_FLOOR,
+    VAE,
+    Layout,
+    Preprocess,
+    ScoringGraph,
+    kl_normal,
+)
 
-EVAL_BATCH = 4096
+EVAL_BATCH = 4096  # rows per forward pass that learns nothing (validation, attribution)
+GRAD_CLIP = 10.0  # most a batch's gradient norm may be: a batch of odd records cannot fling it
+MIN_IMPROVEMENT = 1e-4  # a validation loss lower by less (nats per record) is no better
+# Sizes from the d inputs: a first hidden layer of 2d within [64, 512], a second of half that
+# (at least 32): wide enough for one-hot categories, small enough to train in minutes on a CPU;
+# one latent dimension per 4 features within [2, 32]: a bottleneck, not a copy.
+HIDDEN_PER_INPUT, HIDDEN_MIN, HIDDEN_MAX, SECOND_HIDDEN_MIN = 2, 64, 512, 32
+FEATURES_PER_LATENT, LATENT_MIN, LATENT_MAX = 4, 2, 32
+# attribution divides by at least the total excess NLL of this share of the training rows
+ATTRIBUTION_QUANTILE = 0.9
+COMPARE_ROWS = 512  # validation rows run by torch and by onnxruntime to check the export
+# offsets from cfg.seed: each random stream (batches, validation noise, the graph's fixed
+# posterior samples) has its own, so changing one's length leaves the others as they were
+VAL_NOISE_SEED, GRAPH_NOISE_SEED = 1, 2
 
 
 def layout_of(features: list[Feature]) -> Layout:
@@ -73,9 +93,10 @@ def layout_of(features: list[Feature]) -> Layout:
 def model_sizes(layout: Layout, cfg: TrainConfig) -> tuple[list[int], int]:
     """Hidden sizes and latent size: the config's, or sized from the number of inputs."""
     d = layout.in_dim
-    h = int(min(512, max(64, 2 * d)))
-    hidden = cfg.hidden or [h, max(32, h // 2)]
-    latent = cfg.latent or int(min(32, max(2, math.ceil(layout.n_features / 4))))
+    h = int(min(HIDDEN_MAX, max(HIDDEN_MIN, HIDDEN_PER_INPUT * d)))
+    hidden = cfg.hidden or [h, max(SECOND_HIDDEN_MIN, h // 2)]
+    per_latent = math.ceil(layout.n_features / FEATURES_PER_LATENT)
+    latent = cfg.latent or int(min(LATENT_MAX, max(LATENT_MIN, per_latent)))
     return hidden, latent
 
 
@@ -122,7 +143,9 @@ def fit(
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = (x_num if x_num is not None else x_cat).shape[0]  # type: ignore[union-attr]
     n_val = (val[0] if val[0] is not None else val[1]).shape[0]  # type: ignore[union-attr]
-    val_noise = torch.randn(n_val, latent, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    val_noise = torch.randn(
+        n_val, latent, generator=torch.Generator().manual_seed(cfg.seed + VAL_NOISE_SEED)
+    )
     hist, best, best_state, stale = History(), math.inf, copy.deepcopy(vae.state_dict()), 0
     hist.warm_started_tensors = warm
     start = time.perf_counter()
@@ -144,7 +167,7 @@ def fit(
             loss = (nll + beta * kl_normal(mu, lv)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 10.0)
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), GRAD_CLIP)
             opt.step()
             total += loss.item() * (sl.stop - sl.start)
         vae.eval()
@@ -162,7 +185,7 @@ def fit(
         bar.set_postfix(train=f"{total / n:.3f}", val=f"{vloss / n_val:.3f}")
         # the validation loss is always the true negative ELBO (beta = 1); patience starts
         # counting once the KL warm-up is over
-        if vloss / n_val < best - 1e-4:
+        if vloss / n_val < best - MIN_IMPROVEMENT:
             best, hist.best_epoch, stale = vloss / n_val, epoch, 0
             best_state = copy.deepcopy(vae.state_dict())
         elif epoch >= cfg.beta_warmup_epochs:
@@ -216,7 +239,6 @@ def train_bundle(
     created-at time are then stamped when training is over, so versions sort in the order
     their bundles were made. ``trainable``: see :func:`training.data.prepare`.
     """
-    cfg.validate()
     if not callable(out):
         out = Path(out)
         if out.exists() and not overwrite:
@@ -231,17 +253,19 @@ def train_bundle(
     pre, vae, hist = fit(layout, x_num, x_cat, _tensors(val_inputs), cfg, progress, init_weights)
 
     _, latent = model_sizes(layout, cfg)
-    eps = torch.randn(cfg.samples, latent, generator=torch.Generator().manual_seed(cfg.seed + 2))
+    noise = torch.Generator().manual_seed(cfg.seed + GRAPH_NOISE_SEED)
+    eps = torch.randn(cfg.samples, latent, generator=noise)
     graph = ScoringGraph(pre, vae, eps, torch.zeros(layout.n_features))
     # attribution: each feature's NLL in excess of its median on (a sample of) the training
-    # rows, divided by at least the total excess of 90% of those rows
+    # rows, divided by at least the total excess of ATTRIBUTION_QUANTILE of those rows
     with torch.no_grad():
         sample = _rows(normal, prep.train_idx[:EVAL_BATCH])
         nll, *_ = graph.per_sample_nll(*_tensors(sample))
         feature_nll = nll.mean(1)
         graph.baseline.copy_(feature_nll.median(0).values)
         total = torch.relu(feature_nll - graph.baseline).sum(1)
-        graph.floor.copy_(torch.clamp(torch.quantile(total, 0.9), min=0.01))
+        typical = torch.quantile(total, ATTRIBUTION_QUANTILE)
+        graph.floor.copy_(torch.clamp(typical, min=ATTRIBUTION_FLOOR))
     graph.eval()
 
     calib_inputs = _rows(normal, prep.calib_idx)
@@ -257,7 +281,7 @@ def train_bundle(
         model_path = tmp / MODEL_FILE
         export_onnx(graph, val_inputs, model_path)
         session = OnnxModel(model_path, intra_op_threads=threads)
-        max_abs, max_rel = compare(graph, session, _rows(val_inputs, slice(0, 512)))
+        max_abs, max_rel = compare(graph, session, _rows(val_inputs, slice(0, COMPARE_ROWS)))
         calib = session.run(calib_inputs)
         anom = session.run(anomaly_inputs) if anomaly_inputs else {}
         thresholds: dict[ScoreType, Threshold] = {}
