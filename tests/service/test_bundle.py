@@ -24,9 +24,8 @@ from service.bundle import (
 )
 from service.features import Percentiles, encode_columns
 from service.runtime import open_bundle
+from tests.conftest import ROOT
 from training.demo_data import generate_payments
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def copy_bundle(src: Path, tmp_path: Path) -> Path:

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import Server, prometheus_query, records, run_server, tool, wait_for
+from tests.conftest import ROOT, Server, prometheus_query, records, run_server, tool, wait_for
 from training.demo_data import generate_payments, make_anomalies
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PROM = DEPLOY / "prometheus"
 

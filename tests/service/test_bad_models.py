@@ -442,6 +442,7 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # the real `vae-anomaly models`
 def test_models_commands_refuse_bad_versions_and_list_the_rest(
     good: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -477,6 +478,7 @@ def test_models_commands_refuse_bad_versions_and_list_the_rest(
 # ---------------------------------------------------------------- the service
 
 
+@pytest.mark.slow  # a real server
 def test_service_refuses_every_bad_version_and_keeps_serving(
     good: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -524,6 +526,7 @@ def test_service_refuses_every_bad_version_and_keeps_serving(
     assert "model watch failed" not in s.logs()
 
 
+@pytest.mark.slow  # a real server
 def test_fresh_serve_falls_back_from_a_model_that_fails_when_run(
     good: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -547,6 +550,7 @@ def test_fresh_serve_falls_back_from_a_model_that_fails_when_run(
     assert r.returncode == 2 and "output recon over" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # a real server
 def test_a_load_that_takes_too_long_is_shown_then_given_up(
     good: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -581,6 +585,7 @@ def test_a_load_that_takes_too_long_is_shown_then_given_up(
     assert len(statuses) > 20 and set(statuses) == {200}, statuses
 
 
+@pytest.mark.slow  # a real server
 def test_a_load_that_cannot_be_stopped_is_shown_as_stuck_and_blocks_nothing(
     good: tuple[Path, str], tmp_path: Path
 ) -> None:
