@@ -4,14 +4,15 @@
 
 Builds a registry of three small demo-payment models (`vae-anomaly sample-data` + `train
 --registry`; the first serves), starts the real service (`serve --registry`, 1 worker,
-127.0.0.1, a short poll interval) and sends it open-loop traffic at a fixed rate from one asyncio
-httpx client, drawn from the request kinds in ``KINDS`` (valid records and batches on `/v1` and
-V2, invalid requests of many kinds, GETs), each with the answer it must get. At 1/3 and 2/3 of
-the run `vae-anomaly models promote` switches the serving version: the answers' model version
-must follow and never go back. The RSS of the server's process tree is sampled every 10 s;
-latencies count from each request's scheduled send time (no coordinated omission). Pass: zero
-5xx, zero lost responses, zero unexpected statuses or malformed answers, both promotions seen.
-The summary goes to stdout and `--out` (Markdown); the exit status is 1 on failure.
+127.0.0.1, a short poll interval) and sends it open-loop traffic at a fixed rate from one
+asyncio httpx client, drawn from the request kinds of bench/soak_kinds.py (valid records and
+batches on `/v1` and V2, invalid requests of many kinds, GETs), each with the answer it must
+get. At 1/3 and 2/3 of the run `vae-anomaly models promote` switches the serving version: the
+answers' model version must follow and never go back. The RSS of the server's process tree is
+sampled every 10 s; latencies count from each request's scheduled send time (no coordinated
+omission). Pass: zero 5xx, zero lost responses, zero unexpected statuses or malformed answers,
+both promotions seen. The summary goes to stdout and `--out` (Markdown); the exit status is 1
+on failure.
 """
 
 from __future__ import annotations

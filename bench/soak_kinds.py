@@ -208,6 +208,8 @@ def get(name: str, *paths: str, status: int = 200, accept: Any = any_answer, wei
 
 
 Q = "/v1/score?"
+FORM = "application/x-www-form-urlencoded"
+ONE_BAD = field("tx_last_24h", [3], BATCH // 2)  # a list for a count, mid-batch
 # name, share of the traffic, status it must get, its requests, (422 reason | records scored)
 KINDS: list[Kind] = [
     Kind("v1 1 record", 30, 200, v1(count=200), records=1),
@@ -228,15 +230,14 @@ KINDS: list[Kind] = [
          "not_finite"),
     Kind("v1 too long", 1, 422, v1(field("merchant_category", "x" * 300)), "too_long"),
     Kind("v1 not an object", 1, 422, fixed(dump(records([1, "a", None]))), "not_an_object"),
-    Kind(f"v1 {BATCH} records, one bad", 2, 422, v1(field("tx_last_24h", [3], BATCH // 2), BATCH,
-                                                    10), "wrong_type"),
+    Kind(f"v1 {BATCH} records, one bad", 2, 422, v1(ONE_BAD, n=BATCH, count=10), "wrong_type"),
     Kind("v1 empty batch", 2, 422, fixed(b'{"records": []}'), "empty_batch"),
     Kind("v1 oversize batch", 1, 422, fixed(dump(records([{}] * (MAX_RECORDS + 1)))),
          "batch_too_large"),
     Kind("v1 not a records object", 1, 422, fixed(b"[1, 2]", b'{"records": {}}', b"null"),
          "wrong_type"),
-    Kind("v1 form body", 1, 415, both(fixed(b"amount=42.5", ctype="application/x-www-form-"
-                                            "urlencoded"), fixed(b"hello", ctype="text/plain"))),
+    Kind("v1 form body", 1, 415, both(fixed(b"amount=42.5&hour=18", ctype=FORM),
+                                      fixed(b"hello", ctype="text/plain"))),
     Kind("v1 bad query", 1, 422, both(*(v1(count=3, path=Q + q) for q in (
         "explain=abc", "explain=-1", "explain=5000", "score=bogus")))),
     Kind("v1 body over the limit", 0.2, 413, too_large),

@@ -385,13 +385,6 @@ def prometheus_on(tmp_path: Path) -> Iterator[Any]:
         p.wait(timeout=20)
 
 
-def wait_for(cond: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.5)
-
-
 # ---------------------------------------------------------------- helpers the test modules share
 
 POLL = "0.3"  # seconds between the service's pointer checks
@@ -490,12 +483,16 @@ class Load:
         raise AssertionError(f"responses never switched to {version}")
 
 
-def wait_until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+def wait_until(
+    cond: Callable[[], Any], what: str, timeout: float = 15.0, every: float = 0.05
+) -> None:
+    """Poll ``cond`` every ``every`` seconds until it is true; fail naming ``what`` after
+    ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def failures(c: httpx.Client) -> float:

@@ -22,7 +22,7 @@ from tests.conftest import (
     records,
     run_server,
     shifted_age,
-    wait_for,
+    wait_until,
 )
 from training.demo_data import generate_payments
 
@@ -63,14 +63,24 @@ def test_prometheus_computes_psi_and_fires_for_the_drifted_feature_only(
 ) -> None:
     with run_server(["serve", "--bundle", str(bundle_dir)], tmp_path) as s:
         prom = prometheus_on(s.url.removeprefix("http://"), short_window_rules())
-        wait_for(lambda: prometheus_query(prom, 'up{job="vae-anomaly"} == 1'))
+        wait_until(
+            lambda: prometheus_query(prom, 'up{job="vae-anomaly"} == 1'),
+            'up{job="vae-anomaly"} == 1',
+            timeout=30,
+            every=0.5,
+        )
         time.sleep(2.5)  # scrapes of the zero counters before any traffic
         stationary = generate_payments(6000, seed=77)
         with httpx.Client(base_url=s.url, timeout=30) as c:
             for lo in range(0, 6000, 300):
                 part = stationary.iloc[lo : lo + 300]
                 assert c.post("/v1/score", json={"records": records(part)}).status_code == 200
-            wait_for(lambda: prometheus_query(prom, "sum(vae_anomaly_score_values_total) == 6000"))
+            wait_until(
+                lambda: prometheus_query(prom, "sum(vae_anomaly_score_values_total) == 6000"),
+                "sum(vae_anomaly_score_values_total) == 6000",
+                timeout=30,
+                every=0.5,
+            )
             time.sleep(2.5)  # the rules evaluate
             live = psi_now(prom)
             assert set(live) == {f.name for f in read_bundle(bundle_dir).manifest.features}

@@ -13,12 +13,17 @@ from tests.conftest import run_main
 from training.demo_data import labelled
 
 
+@pytest.fixture
+def reg_dir(serving_registry: Path, tmp_path: Path) -> Path:
+    """A copy of a registry whose one version serves, to retrain into."""
+    shutil.copytree(serving_registry, tmp_path / "reg")
+    return tmp_path / "reg"
+
+
 @pytest.mark.slow  # trains models
 def test_retrain_on_drifted_data_passes_the_gate_and_promotes(
-    serving_registry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    reg_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    reg_dir = tmp_path / "reg"
-    shutil.copytree(serving_registry, reg_dir)
     old = Registry(reg_dir).serving()
     df = labelled(3000, 100, seed=66)
     df["amount"] = (df["amount"] * 3).round(2)  # prices went up: yesterday's normal drifted
@@ -56,10 +61,8 @@ def test_retrain_on_drifted_data_passes_the_gate_and_promotes(
 
 @pytest.mark.slow  # trains models
 def test_retrain_gate_failure_does_not_promote_unless_forced(
-    serving_registry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    reg_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    reg_dir = tmp_path / "reg"
-    shutil.copytree(serving_registry, reg_dir)
     reg = Registry(reg_dir)
     old = reg.serving()
     data = tmp_path / "new.csv"
