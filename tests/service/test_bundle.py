@@ -54,6 +54,7 @@ def test_bundle_holds_the_contract_files(bundle_dir: Path) -> None:
     assert "amount" not in nullable
 
 
+@pytest.mark.slow  # a fresh interpreter: the only way to see what it imports
 def test_bundle_loads_and_scores_without_torch(bundle_dir: Path) -> None:
     code = textwrap.dedent(f"""
         import sys
