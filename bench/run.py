@@ -1,4 +1,4 @@
-"""The performance harness: every figure of bench/RESULTS.md, measured in one run.
+"""The performance harness: the serving and bulk figures of docs/performance.md, in one run.
 
     python bench/run.py [--rows 100000] [--bulk-rows 1000000] [--seconds 5] [--epochs 10]
 

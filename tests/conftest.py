@@ -3,7 +3,9 @@ helpers the test modules share: test modules import from here, never from each o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
@@ -13,24 +15,40 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.app import create_app
+from service.bundle import read_bundle
+from service.cli import main
 from service.registry import Registry, new_version
+from service.settings import Settings
 from training.config import TrainConfig
 from training.demo_data import generate_payments
 from training.train import Result, train_bundle
 
-PROM = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+PROM = ROOT / "deploy" / "prometheus"
 TRAIN_ROWS = 5000
 EPOCHS = 40  # small and quick; early stopping may end sooner
+
+
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e/ runs real processes: it is in the slow tier."""
+    for item in items:
+        if E2E in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 
 def small_config(**kw: object) -> TrainConfig:
@@ -62,6 +80,13 @@ def bundle_dir(trained: Result) -> Path:
     return trained.path
 
 
+def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``vae-anomaly ARGV`` in this process (service.cli.main): exit code, stdout, stderr."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def add_version(
     reg: Registry, df: pd.DataFrame, seed: int = 0, promote: bool = False, epochs: int = 8
 ) -> str:
@@ -82,6 +107,57 @@ def add_version(
     return v
 
 
+@pytest.fixture(scope="session")
+def two_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A registry with v1 serving and v2 (same features) not yet promoted."""
+    reg = Registry(tmp_path_factory.mktemp("reg") / "registry", create=True)
+    v1 = add_version(reg, generate_payments(1500, seed=60), seed=1, promote=True)
+    v2 = add_version(reg, generate_payments(1500, seed=61), seed=2)
+    return reg.root, v1, v2
+
+
+@pytest.fixture(scope="session")
+def serving_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry of one serving version, trained by `vae-anomaly train --registry`."""
+    tmp = tmp_path_factory.mktemp("retrain")
+    data = tmp / "old.csv"
+    generate_payments(3000, seed=65).to_csv(data, index=False)
+    assert (
+        main(
+            [
+                "train",
+                str(data),
+                "--registry",
+                str(tmp / "reg"),
+                "--epochs",
+                "25",
+                "--quiet",
+                "--exclude",
+                "transaction_id",
+            ]
+        )
+        == 0
+    )
+    return tmp / "reg"
+
+
+# drifted demo data
+AGE_SD = 14.0  # customer_age ~ N(45, 14) in the demo data
+
+
+def shifted_age(df: pd.DataFrame) -> pd.DataFrame:
+    """The same records, every customer one standard deviation older."""
+    return df.assign(customer_age=df["customer_age"] + AGE_SD)
+
+
+def grocery_heavy(df: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The same records, 60% of them moved to the merchant category "grocery"."""
+    rng = np.random.default_rng(seed)
+    cat = df["merchant_category"].to_numpy(copy=True)
+    cat[rng.random(len(df)) < 0.6] = "grocery"
+    return df.assign(merchant_category=cat)
+
+
 # ---------------------------------------------------------------- a real server in a subprocess
 
 
@@ -97,6 +173,31 @@ def cli_executable(venv_bin: Path | None = None) -> str:
     exe = exe or shutil.which("vae-anomaly")
     assert exe, "the vae-anomaly entry point is not installed"
     return exe
+
+
+def run_cli(
+    *args: str | Path,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+) -> subprocess.CompletedProcess[str]:
+    """``vae-anomaly ARGS`` as a process of its own (after ``prefix``, say ``taskset -c 0``), with
+    ``env`` added to this one's; its output as text."""
+    return subprocess.run(
+        [*prefix, cli_executable(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env} if env else None,
+    )
+
+
+def drift_json(bundle: Path, data: Path, tmp: Path) -> dict[str, Any]:
+    """`vae-anomaly drift BUNDLE DATA --json` (and its HTML report in ``tmp``), parsed."""
+    r = run_cli("drift", bundle, data, "--json", "--html", tmp / "r.html", timeout=120)
+    assert r.returncode == 0, r.stderr
+    out: dict[str, Any] = json.loads(r.stdout)
+    return out
 
 
 class Server:
@@ -152,6 +253,71 @@ def run_server(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
                 proc.wait()
+
+
+# ---------------------------------------------------------------- the app in this process
+
+
+class InProcess:
+    """The service's ASGI app in the test process, spoken to with httpx's ``ASGITransport``: no
+    socket, no server process, so logic tests take milliseconds. Its lifespan runs as under
+    uvicorn (the model loaded and warmed up, the micro-batcher and the body-parser helper
+    started) on an event loop in a thread of its own, so tests call it synchronously."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.lifespan = self.app.router.lifespan_context(self.app)
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://in-process", timeout=30
+        )
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)
+
+    def __enter__(self) -> InProcess:
+        self.thread.start()
+        safe_path = os.environ.get("PYTHONSAFEPATH")
+        self._run(self.lifespan.__aenter__())
+        if safe_path is None:  # the parser helper sets it for its fork server: not for us
+            os.environ.pop("PYTHONSAFEPATH", None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._run(self.client.aclose())
+        self._run(self.lifespan.__aexit__(None, None, None))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+        gc.unfreeze()  # the app tunes the collector for serving; give the tests theirs back
+        gc.set_threshold(*GC_THRESHOLD)
+
+    def request(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        content = kw.get("content")
+        if content is not None and not isinstance(content, bytes | str):
+            kw["content"] = _async_chunks(list(content))  # a streamed body, as over a socket
+        response: httpx.Response = self._run(self.client.request(method, url, **kw))
+        return response
+
+    def get(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("GET", url, **kw)
+
+    def post(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("POST", url, **kw)
+
+
+async def _async_chunks(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+GC_THRESHOLD = gc.get_threshold()
+
+
+def in_process(bundle: Path, **settings: Any) -> InProcess:
+    """The app serving ``bundle`` with these settings (``with in_process(...) as client``)."""
+    return InProcess(Settings(bundle=bundle, **settings))
 
 
 # ---------------------------------------------------------------- a real Prometheus server
@@ -219,19 +385,15 @@ def prometheus_on(tmp_path: Path) -> Iterator[Any]:
         p.wait(timeout=20)
 
 
-def wait_for(cond: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.5)
-
-
 # ---------------------------------------------------------------- helpers the test modules share
 
 POLL = "0.3"  # seconds between the service's pointer checks
 
 
 REFUSED = "model not loaded; keeping the serving one"  # the service's log message
+
+# the columns `vae-anomaly score` writes after the id columns, in order
+SCORED_COLUMNS = ["score", "is_anomaly", "percentile", "unusual", "error"]
 
 
 def records(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -246,6 +408,18 @@ def records(df: pd.DataFrame) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def v2_body(bundle: Path, rec: dict[str, Any]) -> dict[str, Any]:
+    """A V2 infer request for one record: a tensor per feature of ``bundle``'s model."""
+    m = read_bundle(bundle).manifest
+    types = {"numeric": "FP64", "boolean": "BOOL", "categorical": "BYTES"}
+    return {
+        "inputs": [
+            {"name": f.name, "datatype": types[f.kind], "shape": [1], "data": [rec[f.name]]}
+            for f in m.features
+        ]
+    }
 
 
 def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -309,12 +483,16 @@ class Load:
         raise AssertionError(f"responses never switched to {version}")
 
 
-def wait_until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+def wait_until(
+    cond: Callable[[], Any], what: str, timeout: float = 15.0, every: float = 0.05
+) -> None:
+    """Poll ``cond`` every ``every`` seconds until it is true; fail naming ``what`` after
+    ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def failures(c: httpx.Client) -> float:

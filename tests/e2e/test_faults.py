@@ -27,7 +27,6 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.bundle import MANIFEST_FILE, MODEL_FILE, read_bundle
-from service.cli import main
 from service.registry import POINTER, VERSIONS, Registry, new_version
 from tests.conftest import (
     POLL,
@@ -40,6 +39,7 @@ from tests.conftest import (
     fresh_registry,
     log_entries,
     records,
+    run_main,
     run_server,
     wait_until,
 )
@@ -154,12 +154,6 @@ def run_with_disk_limit(limit: int, args: list[str]) -> subprocess.CompletedProc
     )
 
 
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 # ---------------------------------------------------------------- the registry becomes unreadable
 
 
@@ -257,7 +251,7 @@ def test_truncated_bundle_is_refused_and_the_old_model_keeps_serving(
         _, ref = scores(c, recs)
         before = failures(c)
         # the command line refuses to promote it, and says why
-        code, _, err = cli(capsys, "models", "promote", v3, "--registry", str(reg.root))
+        code, _, err = run_main(capsys, "models", "promote", v3, "--registry", str(reg.root))
         assert code == 2 and "broken, not promoted" in err and "sha256" in err, err
         assert reg.serving() == v1
         # it breaks after promotion (or is promoted by hand): the service refuses it
@@ -268,7 +262,7 @@ def test_truncated_bundle_is_refused_and_the_old_model_keeps_serving(
         refusals = [e for e in log_entries(s, REFUSED) if e.get("wanted") == v3]
         assert refusals and "sha256" in refusals[0]["reason"], refusals
         # the registry still lists everything, the broken one marked
-        code, out, _ = cli(capsys, "models", "list", "--registry", str(reg.root))
+        code, out, _ = run_main(capsys, "models", "list", "--registry", str(reg.root))
         assert code == 0
         lines = {line.lstrip("* ").split()[0]: line for line in out.splitlines()}
         assert set(lines) == {v1, v2, v3}
@@ -285,9 +279,9 @@ def test_truncated_bundle_is_refused_and_the_old_model_keeps_serving(
         warning = "warning: the serving version cannot be loaded"
         assert any(w.startswith(warning) and "sha256" in w for w in s2.logs().splitlines())
         # roll back, then promote a good version: it is picked up
-        code, out, _ = cli(capsys, "models", "rollback", "--registry", str(reg.root))
+        code, out, _ = run_main(capsys, "models", "rollback", "--registry", str(reg.root))
         assert code == 0 and v1 in out
-        code, _, err = cli(capsys, "models", "promote", v2, "--registry", str(reg.root))
+        code, _, err = run_main(capsys, "models", "promote", v2, "--registry", str(reg.root))
         assert code == 0, err
         load.wait_for(v2)
         assert answers(c, recs, v2, ref)  # v2 holds v1's model
@@ -357,7 +351,7 @@ def test_disk_full_while_training_writes_leaves_nothing_and_serving_unchanged(
         assert answers(c, recs, v1, ref)
         assert failures(c) == before
         # the disk has room again: a promotion goes through and is picked up
-        code, _, err = cli(capsys, "models", "promote", v2, "--registry", str(reg.root))
+        code, _, err = run_main(capsys, "models", "promote", v2, "--registry", str(reg.root))
         assert code == 0, err
         load.wait_for(v2)
     statuses = [st for st, _ in load.results]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from service.cli import main
 from service.features import encode_columns
 from service.runtime import open_bundle
 from service.values import never_normal
-from tests.conftest import cli_executable
+from tests.conftest import SCORED_COLUMNS, run_cli
 from training.demo_data import generate_payments, make_anomalies
 
 
@@ -53,14 +52,7 @@ def test_scores_a_file_in_chunks_like_the_model(
     stdout = capsys.readouterr().out
     assert code == 0 and "scored 2500 records" in stdout
     got = read(out)
-    assert list(got.columns) == [
-        "transaction_id",
-        "score",
-        "is_anomaly",
-        "percentile",
-        "unusual",
-        "error",
-    ]
+    assert list(got.columns) == ["transaction_id", *SCORED_COLUMNS]
     assert got["transaction_id"].tolist() == df["transaction_id"].tolist()
     bundle, model = open_bundle(bundle_dir)
     feats = bundle.manifest.features
@@ -75,6 +67,7 @@ def test_scores_a_file_in_chunks_like_the_model(
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow  # the real `vae-anomaly score`
 def test_unreadable_values_are_reported_not_scored(bundle_dir: Path, tmp_path: Path) -> None:
     df = generate_payments(300, seed=101)
     df["customer_age"] = df["customer_age"].astype(object)
@@ -82,38 +75,25 @@ def test_unreadable_values_are_reported_not_scored(bundle_dir: Path, tmp_path: P
     df = df.drop(columns=["device"])  # nullable: scored as missing
     data, out = tmp_path / "in.csv", tmp_path / "out.csv"
     write(df, data)
-    r = subprocess.run(
-        [
-            cli_executable(),
-            "score",
-            str(bundle_dir),
-            str(data),
-            "--out",
-            str(out),
-            "--quiet",
-            "--score",
-            "iwae",
-            "--id-column",
-            "transaction_id",
-            "hour",
-        ],
-        capture_output=True,
-        text=True,
+    r = run_cli(
+        "score",
+        str(bundle_dir),
+        str(data),
+        "--out",
+        str(out),
+        "--quiet",
+        "--score",
+        "iwae",
+        "--id-column",
+        "transaction_id",
+        "hour",
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
     assert "10 invalid record(s) not scored" in r.stderr
     assert "['device']" in r.stderr
     got = pd.read_csv(out)
-    assert list(got.columns) == [
-        "transaction_id",
-        "hour",
-        "score",
-        "is_anomaly",
-        "percentile",
-        "unusual",
-        "error",
-    ]
+    assert list(got.columns) == ["transaction_id", "hour", *SCORED_COLUMNS]
     assert len(got) == 300 and np.isfinite(got["score"][10:]).all()
     assert got["score"][:10].isna().all() and got["error"][:10].str.startswith("customer_age").all()
 
@@ -154,6 +134,7 @@ def test_scores_with_a_registry_serving_version(bundle_dir: Path, tmp_path: Path
     assert len(read(out)) == 100
 
 
+@pytest.mark.slow  # the real `vae-anomaly score`
 def test_threads_follow_the_cpus_the_process_may_use(bundle_dir: Path, tmp_path: Path) -> None:
     """By default as many onnxruntime threads as usable CPUs (here: the affinity mask that
     `taskset` sets), not os.cpu_count(); --threads overrides."""
@@ -161,13 +142,13 @@ def test_threads_follow_the_cpus_the_process_may_use(bundle_dir: Path, tmp_path:
 
     data, out = tmp_path / "in.csv", tmp_path / "out.csv"
     write(generate_payments(50, seed=104), data)
-    base = [cli_executable(), "score", str(bundle_dir), str(data), "--out", str(out), "--quiet"]
+    base = ["score", str(bundle_dir), str(data), "--out", str(out), "--quiet"]
     for prefix, extra, threads in (
         ([], [], usable_cpus()),
         (["taskset", "-c", "0"], [], 1),
         (["taskset", "-c", "0"], ["--threads", "2"], 2),
     ):
-        r = subprocess.run([*prefix, *base, *extra], capture_output=True, text=True, timeout=120)
+        r = run_cli(*base, *extra, prefix=prefix, timeout=120)
         assert r.returncode == 0, r.stderr
         assert f"rows/s, {threads} thread(s))" in r.stdout, (prefix, extra, r.stdout)
 

@@ -15,10 +15,8 @@ import httpx
 import pytest
 
 from service.bundle import MODEL_FILE
-from tests.conftest import cli_executable, run_server
+from tests.conftest import ROOT, cli_executable, run_server
 from training.demo_data import generate_payments
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_fails(args: list[str], env: dict[str, str] | None = None) -> str:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -20,7 +18,7 @@ import pytest
 from service.bundle import read_bundle
 from service.registry import GATE_FILE, Registry
 from service.sink import SCORED_BY, VERDICT
-from tests.conftest import cli_executable, records, run_server
+from tests.conftest import records, run_cli, run_server, wait_until
 from training.demo_data import generate_payments, labelled, make_anomalies
 from training.retrain import _flags, binomial_tail_bound, flagged_check
 
@@ -40,9 +38,7 @@ transform = "none"
 
 
 def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(
-        [cli_executable(), *args], capture_output=True, text=True, timeout=1800, check=False
-    )
+    r = run_cli(*args, timeout=1800)
     if ok:
         assert r.returncode == 0, r.stdout + r.stderr
     return r
@@ -71,13 +67,6 @@ def copy_registry(src: Path, tmp: Path) -> Registry:
 
     shutil.copytree(src, tmp / "registry")
     return Registry(tmp / "registry")
-
-
-def wait_for(what: Callable[[], bool], message: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.2)
 
 
 def served(url: str) -> str:
@@ -235,19 +224,34 @@ def test_the_whole_story_served(v1: Path, tmp_path: Path) -> None:
         cli("retrain", str(tmp_path / "new.csv"), "--registry", root, "--quiet")
         second = reg.serving()
         assert second != first
-        wait_for(lambda: served(s.url) == second, "the service never moved to the retrain")
+        wait_until(
+            lambda: served(s.url) == second,
+            "the service never moved to the retrain",
+            timeout=30,
+            every=0.2,
+        )
         assert httpx.get(f"{s.url}/v2/models/payments").json()["versions"] == [second]
 
         # 2. traffic fills the sink (ids and verdicts kept); retrain on it, no flags
         send(s.url, generate_payments(3000, seed=311).assign(session_id=7))
-        wait_for(lambda: len(sink_lines(sink)) == 3000, "the sink did not get every record")
+        wait_until(
+            lambda: len(sink_lines(sink)) == 3000,
+            "the sink did not get every record",
+            timeout=30,
+            every=0.2,
+        )
         line = sink_lines(sink)[0]
         assert line["transaction_id"].startswith("tx-311-") and line["session_id"] == 7
         assert isinstance(line[VERDICT], bool) and line[SCORED_BY] == second
         cli("retrain", str(sink), "--registry", root, "--quiet")
         third = reg.serving()
         assert third != second and reg.read(third).manifest.name == "payments"
-        wait_for(lambda: served(s.url) == third, "the service never moved to the sink retrain")
+        wait_until(
+            lambda: served(s.url) == third,
+            "the service never moved to the sink retrain",
+            timeout=30,
+            every=0.2,
+        )
         assert httpx.get(f"{s.url}/v2/models/payments/ready").status_code == 200
 
         # 3. a retrain that changes the features is refused, with the reason
@@ -260,7 +264,12 @@ def test_the_whole_story_served(v1: Path, tmp_path: Path) -> None:
         # 4. forced past the registry, the service refuses it; `models list` says so
         fourth = reg.versions()[-1]
         cli("models", "promote", fourth, "--registry", root, "--allow-schema-change")
-        wait_for(lambda: "changes the features" in s.logs(), "the service did not refuse it")
+        wait_until(
+            lambda: "changes the features" in s.logs(),
+            "the service did not refuse it",
+            timeout=30,
+            every=0.2,
+        )
         assert served(s.url) == third
         listed = cli("models", "list", "--registry", root, "--service", s.url).stdout
         line4 = next(x for x in listed.splitlines() if fourth in x)
@@ -288,7 +297,12 @@ def test_a_model_retrained_from_the_sink_keeps_its_false_positive_rate(
     env = {"VAE_ANOMALY_SINK_DIR": str(sink)}
     with run_server(["serve", "--registry", str(reg.root)], tmp_path, env=env) as s:
         send(s.url, generate_payments(30_000, seed=320), batch=5000)
-        wait_for(lambda: len(sink_lines(sink)) == 30_000, "the sink did not get every record")
+        wait_until(
+            lambda: len(sink_lines(sink)) == 30_000,
+            "the sink did not get every record",
+            timeout=30,
+            every=0.2,
+        )
     lines = sink_lines(sink)
     flagged = sum(bool(x[VERDICT]) for x in lines) / len(lines)
     assert 0 < flagged < 0.05  # flagged records are kept: the sink is a sample of the traffic

@@ -1,20 +1,18 @@
 """A value the model has never seen is scored and named, never refused (service/values.py).
 
-In process: the parsing rules, type inference, the unusual-value checker. Over HTTP on the real
-service and through the real `vae-anomaly score`: the demo model's unusual values, partial
-success, and a messy training file whose every row goes through all three entry points.
+The parsing rules, type inference and the unusual-value checker; the demo model's unusual values
+and partial success over HTTP (the app in process); the same values through the real
+`vae-anomaly score` (slow). A messy file through every entry point: tests/e2e/test_entry_points.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -26,17 +24,16 @@ from service.bundle import CategoricalFeature, NumericFeature, read_bundle
 from service.features import encode_columns
 from service.values import STABLE_UNSEEN_RATE, Invalid, parse
 from tests.conftest import (
-    Server,
-    cli_executable,
+    SCORED_COLUMNS,
+    InProcess,
+    in_process,
     metric_samples,
     records,
-    run_server,
-    small_config,
+    run_cli,
     value,
 )
 from training.data import DataError, column_values
 from training.demo_data import generate_payments
-from training.train import train_bundle
 
 # ---------------------------------------------------------------- the rules, in process
 
@@ -157,18 +154,12 @@ def test_checker_flags_unseen_values_only_in_stable_columns() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with run_server(["serve", "--bundle", str(bundle_dir)], tmp_path_factory.mktemp("v")) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as c:
+def client(bundle_dir: Path) -> Iterator[InProcess]:
+    with in_process(bundle_dir) as c:
         yield c
 
 
-def _normal_records(client: httpx.Client, n: int, seed: int) -> list[dict[str, Any]]:
+def _normal_records(client: InProcess, n: int, seed: int) -> list[dict[str, Any]]:
     """Records of the demo data the model scores as normal, with nothing unusual."""
     recs = records(generate_payments(n, seed=seed))
     res = client.post("/v1/score", json={"records": recs}).json()["results"]
@@ -176,7 +167,7 @@ def _normal_records(client: httpx.Client, n: int, seed: int) -> list[dict[str, A
 
 
 def test_an_unseen_category_in_a_stable_column_is_flagged(
-    client: httpx.Client, bundle_dir: Path
+    client: InProcess, bundle_dir: Path
 ) -> None:
     m = read_bundle(bundle_dir).manifest
     cats = {f.name: f for f in m.features if isinstance(f, CategoricalFeature)}
@@ -213,7 +204,7 @@ def test_an_unseen_category_in_a_stable_column_is_flagged(
     ],
 )
 def test_out_of_domain_values_are_scored_flagged_and_named(
-    client: httpx.Client, field: str, given: Any, kind: str, model_value: Any
+    client: InProcess, field: str, given: Any, kind: str, model_value: Any
 ) -> None:
     rec = _normal_records(client, 5, seed=502)[0]
     r = client.post("/v1/score", json={"records": [rec, {**rec, field: given}]})
@@ -230,7 +221,7 @@ def test_out_of_domain_values_are_scored_flagged_and_named(
     "field,given", [("tx_last_24h", 10_000), ("amount", 3.5e38), ("distance_from_home_km", -1e30)]
 )
 def test_the_value_that_is_off_leads_the_explanation(
-    client: httpx.Client, field: str, given: float
+    client: InProcess, field: str, given: float
 ) -> None:
     rec = next(r for r in _normal_records(client, 20, seed=503) if r[field] is not None)
     res = client.post("/v1/score", json={"records": [{**rec, field: given}]}).json()["results"][0]
@@ -240,7 +231,7 @@ def test_the_value_that_is_off_leads_the_explanation(
     assert [u["field"] for u in res["unusual_values"]] == [field]
 
 
-def test_a_value_that_cannot_be_of_its_column_is_still_a_422(client: httpx.Client) -> None:
+def test_a_value_that_cannot_be_of_its_column_is_still_a_422(client: InProcess) -> None:
     rec = _normal_records(client, 3, seed=504)[0]
     for field, given in (("amount", {"v": 1}), ("card_present", [True]), ("country", {})):
         r = client.post("/v1/score", json={"records": [{**rec, field: given}]})
@@ -248,7 +239,7 @@ def test_a_value_that_cannot_be_of_its_column_is_still_a_422(client: httpx.Clien
         assert r.json()["errors"][0]["field"] == field
 
 
-def test_on_invalid_skip_scores_the_valid_records(client: httpx.Client) -> None:
+def test_on_invalid_skip_scores_the_valid_records(client: InProcess) -> None:
     recs = records(generate_payments(6, seed=505))
     mixed = [*recs[:2], {**recs[2], "amount": "12 USD"}, recs[3], [1, 2], *recs[4:]]
     r = client.post("/v1/score", json={"records": mixed})
@@ -274,7 +265,7 @@ def test_on_invalid_skip_scores_the_valid_records(client: httpx.Client) -> None:
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "on_invalid"
 
 
-def test_unusual_values_are_counted_by_feature_and_kind(client: httpx.Client) -> None:
+def test_unusual_values_are_counted_by_feature_and_kind(client: InProcess) -> None:
     rec = _normal_records(client, 3, seed=506)[0]
     before = metric_samples(client)
     odd = [{**rec, "card_present": 3}, {**rec, "card_present": 2, "country": "Oz"}, rec]
@@ -290,7 +281,7 @@ def test_unusual_values_are_counted_by_feature_and_kind(client: httpx.Client) ->
 
 
 def test_v2_accepts_the_same_values_and_lists_the_unusual_ones(
-    client: httpx.Client, bundle_dir: Path
+    client: InProcess, bundle_dir: Path
 ) -> None:
     m = read_bundle(bundle_dir).manifest
     recs = _normal_records(client, 5, seed=507)[:3]
@@ -322,34 +313,19 @@ def test_v2_accepts_the_same_values_and_lists_the_unusual_ones(
 # ---------------------------------------------------------------- the bulk CLI
 
 
-def _score(bundle: Path, data: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [cli_executable(), "score", str(bundle), str(data), "--out", str(out), "--quiet", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
+@pytest.mark.slow  # the real `vae-anomaly score`
 def test_bulk_scoring_never_hides_a_bad_value(
-    bundle_dir: Path, tmp_path: Path, client: httpx.Client
+    bundle_dir: Path, tmp_path: Path, client: InProcess
 ) -> None:
     rec = _normal_records(client, 3, seed=508)[0]
     cells = ["100,000.00", "$100000", "inf", "", "100000", str(rec["amount"])]
     df = pd.DataFrame([{**rec, "amount": c} for c in cells])
     data, out = tmp_path / "odd.csv", tmp_path / "odd.csv.out.csv"
     df.to_csv(data, index=False)
-    r = _score(bundle_dir, data, out)
+    r = run_cli("score", bundle_dir, data, "--out", out, "--quiet", timeout=180)
     assert r.returncode == 0, r.stderr
     got = pd.read_csv(out, dtype={"is_anomaly": str})
-    assert list(got.columns) == [
-        "transaction_id",
-        "score",
-        "is_anomaly",
-        "percentile",
-        "unusual",
-        "error",
-    ]
+    assert list(got.columns) == ["transaction_id", *SCORED_COLUMNS]
     # text that is no number: not scored, the error says which column and why
     for i in range(3):
         assert got["error"][i].startswith("amount: expected a number"), got.iloc[i]
@@ -363,6 +339,7 @@ def test_bulk_scoring_never_hides_a_bad_value(
     assert "3 invalid record(s)" in r.stderr
 
 
+@pytest.mark.slow  # the real `vae-anomaly score`
 def test_bulk_jsonl_lines_that_are_not_records_are_errors(bundle_dir: Path, tmp_path: Path) -> None:
     recs = records(generate_payments(4, seed=509))
     lines = [
@@ -375,7 +352,9 @@ def test_bulk_jsonl_lines_that_are_not_records_are_errors(bundle_dir: Path, tmp_
     ]
     data, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    r = _score(bundle_dir, data, out, "--chunk-size", "2")
+    r = run_cli(
+        "score", bundle_dir, data, "--out", out, "--quiet", "--chunk-size", "2", timeout=180
+    )
     assert r.returncode == 0, r.stderr
     got = pd.read_json(out, lines=True)
     errors = got["error"].tolist()
@@ -394,18 +373,30 @@ def test_bulk_jsonl_lines_that_are_not_records_are_errors(bundle_dir: Path, tmp_
     ]
 
 
+@pytest.mark.slow  # the real `vae-anomaly score`
 def test_bulk_id_columns_cannot_clash_and_keep_one_type(bundle_dir: Path, tmp_path: Path) -> None:
     df = generate_payments(30, seed=510)
     data = tmp_path / "in.csv"
     df.assign(score=1.0).to_csv(data, index=False)
-    r = _score(bundle_dir, data, tmp_path / "o.csv", "--id-column", "score")
+    r = run_cli(
+        "score",
+        bundle_dir,
+        data,
+        "--out",
+        tmp_path / "o.csv",
+        "--quiet",
+        "--id-column",
+        "score",
+        timeout=180,
+    )
     assert r.returncode == 2 and "'score'" in r.stderr and "overwritten" in r.stderr
     # integer ids, one chunk with an empty one (pandas reads it as floats): still integers
     ids = pd.Series(range(1000, 1030), dtype="Int64")
     ids[25] = pd.NA
     df.assign(ref=ids).to_csv(data, index=False)
     out = tmp_path / "o.parquet"
-    r = _score(bundle_dir, data, out, "--id-column", "ref", "--chunk-size", "10")
+    by_ref = ["score", bundle_dir, data, "--out", out, "--quiet", "--id-column", "ref"]
+    r = run_cli(*by_ref, "--chunk-size", "10", timeout=180)
     assert r.returncode == 0, r.stderr
     table = pq.read_table(out)
     assert table.schema.field("ref").type == pa.int64()
@@ -414,105 +405,9 @@ def test_bulk_id_columns_cannot_clash_and_keep_one_type(bundle_dir: Path, tmp_pa
     mixed = df.assign(ref=[str(i) for i in range(10)] + [f"x{i}" for i in range(20)])
     mixed.to_csv(data, index=False)
     out.unlink()
-    r = _score(bundle_dir, data, out, "--id-column", "ref", "--chunk-size", "10")
+    r = run_cli(*by_ref, "--chunk-size", "10", timeout=180)
     assert r.returncode == 2 and "changes type between chunks" in r.stderr
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 # ---------------------------------------------------------------- a messy file, round trip
-
-
-def _messy(n: int, seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    df = pd.DataFrame(
-        {
-            "ref": [f"r{i}" for i in range(n)],
-            "weight": np.round(rng.lognormal(3, 0.4, n), 1),
-            "returned": rng.choice(["yes", "no"], n, p=[0.2, 0.8]).astype(object),
-            "express": rng.choice(["Y", "N"], n),
-            "repeat": rng.integers(0, 2, n),  # a 0/1 count: numeric
-            "items": rng.poisson(3, n) + 1,
-            "store": rng.choice(["12", "15", "40", "A7"], n),  # codes, some of them numbers
-            "rating": np.where(rng.random(n) < 0.1, np.nan, rng.integers(1, 6, n)),
-        }
-    )
-    df.loc[rng.random(n) < 0.1, "returned"] = None
-    return df
-
-
-@pytest.fixture(scope="module")
-def messy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("messy")
-    data = root / "orders.csv"
-    _messy(600, seed=511).to_csv(data, index=False)
-    cfg = small_config(exclude=["ref"], epochs=6, name="orders")
-    train_bundle(
-        pd.read_csv(data),
-        root / "bundle",
-        cfg,
-        source=str(data),
-        data_fingerprint="t",
-        progress=False,
-    )
-    return data, root / "bundle"
-
-
-def test_every_training_row_goes_through_every_entry_point(
-    messy: tuple[Path, Path], tmp_path: Path
-) -> None:
-    data, bundle = messy
-    m = read_bundle(bundle).manifest
-    kinds = {f.name: f.kind for f in m.features}
-    assert kinds == {
-        "weight": "numeric",
-        "repeat": "numeric",
-        "items": "numeric",
-        "rating": "numeric",
-        "returned": "boolean",
-        "express": "boolean",
-        "store": "categorical",
-    }
-    df = pd.read_csv(data)
-    recs = records(df)  # as a client would send the file's rows: "yes", 1, "A7", 40, null
-    assert {type(r["store"]) for r in recs} == {str}
-    r = _score(bundle, data, tmp_path / "out.csv")
-    assert r.returncode == 0, r.stderr
-    assert pd.read_csv(tmp_path / "out.csv")["error"].isna().all()
-    with (
-        run_server(["serve", "--bundle", str(bundle)], tmp_path) as s,
-        httpx.Client(base_url=s.url, timeout=60) as c,
-    ):
-        for i in range(0, len(recs), 200):
-            chunk = recs[i : i + 200]
-            r = c.post("/v1/score", json={"records": chunk})
-            assert r.status_code == 200, r.text
-            assert not [x for x in r.json()["results"] if x["unusual_values"]]
-            # the store codes sent as numbers where they are numbers: the same values
-            as_numbers = [
-                {**x, "store": int(x["store"]) if x["store"].isdigit() else x["store"]}
-                for x in chunk
-            ]
-            r2 = c.post("/v1/score", json={"records": as_numbers})
-            assert [x["score"] for x in r2.json()["results"]] == [
-                x["score"] for x in r.json()["results"]
-            ]
-            inputs = [
-                {"name": k, "shape": [len(chunk)], "datatype": dt, "data": [x[k] for x in chunk]}
-                for k, dt in (
-                    ("weight", "FP64"),
-                    ("repeat", "INT64"),
-                    ("items", "INT64"),
-                    ("rating", "FP64"),
-                    ("returned", "BYTES"),
-                    ("express", "BYTES"),
-                    ("store", "BYTES"),
-                )
-            ]
-            r = c.post(f"/v2/models/{m.name}/infer", json={"inputs": inputs})
-            assert r.status_code == 200, r.text
-        # and the 0/1 count column takes any count: scored, flagged and named
-        r = c.post("/v1/score", json={"records": [{**recs[0], "repeat": 7}]})
-        assert r.status_code == 200, r.text
-        [u] = r.json()["results"][0]["unusual_values"]
-        assert (u["field"], u["kind"]) == ("repeat", "out_of_range")
-        assert r.json()["results"][0]["is_anomaly"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
@@ -14,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,7 +21,7 @@ from service.bundle import DateTimeColumn, Manifest, client_fields, read_bundle
 from service.cli import main
 from service.sink import SCORED_BY, VERDICT
 from service.timefeatures import derive
-from tests.conftest import Server, cli_executable, run_server
+from tests.conftest import SCORED_COLUMNS, InProcess, in_process, run_cli
 from training.config import ColumnConfig, TrainConfig, load_config
 from training.data import DataError, prepare, read_table
 from training.retrain import _scores
@@ -33,7 +31,6 @@ START = pd.Timestamp("2024-05-06")  # a Monday
 TIME_FEATURES = ["hour_sin", "hour_cos", "dow_sin", "dow_cos"]
 CONFIG = """
 epochs = 40
-threads = 2
 [columns.sent_ms]
 type = "datetime"
 unit = "epoch_ms"
@@ -95,15 +92,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
 
 
 @pytest.fixture(scope="module")
-def server(trained: Trained) -> Iterator[Server]:
-    env = {"VAE_ANOMALY_SINK_DIR": str(trained.folder / "sink")}
-    with run_server(["serve", "--bundle", str(trained.bundle)], trained.folder, env=env) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as c:
+def client(trained: Trained) -> Iterator[InProcess]:
+    with in_process(trained.bundle, sink_dir=trained.folder / "sink") as c:
         yield c
 
 
@@ -297,8 +287,9 @@ def test_schema_change_covers_datetime_fields(trained: Trained) -> None:
 # ---------------------------------------------------------------- the service and bulk scoring
 
 
+@pytest.mark.slow  # the real `vae-anomaly score`
 def test_service_and_bulk_cli_score_raw_timestamps_alike(
-    trained: Trained, client: httpx.Client
+    trained: Trained, client: InProcess
 ) -> None:
     df = telemetry(40, seed=5)
     r = client.post("/v1/score", json={"records": records(df)})
@@ -306,16 +297,10 @@ def test_service_and_bulk_cli_score_raw_timestamps_alike(
     native = [x["score"] for x in r.json()["results"]]
     data, out = trained.folder / "new.csv", trained.folder / "scored.csv"
     df.to_csv(data, index=False)
-    done = subprocess.run(
-        [cli_executable(), "score", str(trained.bundle), str(data), "--out", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-    )
+    done = run_cli("score", trained.bundle, data, "--out", out, "--quiet")
     assert done.returncode == 0, done.stderr
     bulk = pd.read_csv(out)
-    assert list(bulk.columns) == [
-        "host", "request_id", "score", "is_anomaly", "percentile", "unusual", "error"
-    ]  # fmt: skip
+    assert list(bulk.columns) == ["host", "request_id", *SCORED_COLUMNS]
     assert bulk["request_id"].tolist() == df["request_id"].tolist()
     np.testing.assert_allclose(bulk["score"], native, rtol=1e-5)
     gate = _scores(read_bundle(trained.bundle), pd.read_csv(data))  # retrain's promotion gate
@@ -341,7 +326,7 @@ def test_service_and_bulk_cli_score_raw_timestamps_alike(
     np.testing.assert_allclose(v2.json()["outputs"][0]["data"], native, rtol=1e-5)
 
 
-def test_night_time_scores_higher_than_day_time(trained: Trained, client: httpx.Client) -> None:
+def test_night_time_scores_higher_than_day_time(trained: Trained, client: InProcess) -> None:
     day = telemetry(20, seed=6)
     night = day.copy()
     at_three = pd.to_datetime(day["sent_ms"], unit="ms").dt.normalize() + pd.Timedelta(hours=3)
@@ -369,7 +354,7 @@ def test_night_time_scores_higher_than_day_time(trained: Trained, client: httpx.
     ],
 )
 def test_bad_date_time_is_a_422_naming_the_field(
-    client: httpx.Client, field: str, value: Any, reason: str
+    client: InProcess, field: str, value: Any, reason: str
 ) -> None:
     recs = records(telemetry(3, seed=7))
     recs[1][field] = value
@@ -382,7 +367,7 @@ def test_bad_date_time_is_a_422_naming_the_field(
     assert r.json()["error"].startswith("1 of 3 records")
 
 
-def test_a_null_date_time_is_scored_and_named_as_unusual(client: httpx.Client) -> None:
+def test_a_null_date_time_is_scored_and_named_as_unusual(client: InProcess) -> None:
     recs = records(telemetry(3, seed=7))
     recs[1]["timestamp"] = None  # never missing in training: unusual, never refused
     r = client.post("/v1/score", json={"records": recs})
@@ -393,7 +378,7 @@ def test_a_null_date_time_is_scored_and_named_as_unusual(client: httpx.Client) -
 
 
 def test_left_out_timestamp_and_v2_errors_name_the_field(
-    trained: Trained, client: httpx.Client
+    trained: Trained, client: InProcess
 ) -> None:
     recs = records(telemetry(2, seed=8))
     del recs[0]["timestamp"]
@@ -421,7 +406,7 @@ def test_left_out_timestamp_and_v2_errors_name_the_field(
     assert r.status_code == 400 and "'sent_ms'" in r.json()["error"], r.text
 
 
-def test_metadata_and_schema_show_the_raw_fields(trained: Trained, client: httpx.Client) -> None:
+def test_metadata_and_schema_show_the_raw_fields(trained: Trained, client: InProcess) -> None:
     meta = client.get(f"/v2/models/{trained.manifest.name}").json()
     inputs = {i["name"]: i["datatype"] for i in meta["inputs"]}
     assert inputs["timestamp"] == "BYTES" and inputs["sent_ms"] == "FP64"
@@ -434,7 +419,7 @@ def test_metadata_and_schema_show_the_raw_fields(trained: Trained, client: httpx
     assert [c["name"] for c in info["datetime_columns"]] == ["timestamp", "sent_ms"]
 
 
-def test_sink_keeps_the_raw_timestamp(trained: Trained, client: httpx.Client) -> None:
+def test_sink_keeps_the_raw_timestamp(trained: Trained, client: InProcess) -> None:
     df = telemetry(30, seed=9)
     assert client.post("/v1/score", json={"records": records(df)}).status_code == 200
     sent = set(df["timestamp"])

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -46,11 +45,11 @@ from tests.conftest import (
     REFUSED,
     Load,
     add_version,
-    cli_executable,
     failures,
     free_port,
     log_entries,
     records,
+    run_cli,
     run_server,
     wait_until,
 )
@@ -436,12 +435,7 @@ def test_the_good_model_passes_the_same_checks(good: tuple[Path, str]) -> None:
 # ---------------------------------------------------------------- the command line
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [cli_executable(), *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
+@pytest.mark.slow  # the real `vae-anomaly models`
 def test_models_commands_refuse_bad_versions_and_list_the_rest(
     good: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -450,7 +444,7 @@ def test_models_commands_refuse_bad_versions_and_list_the_rest(
     bad = {add_variant(reg, v1, {**FILES, **MANIFESTS}[c][0]): c for c in cases}
     bad[add_variant(reg, v1, MODELS["score of the first row only"][0])] = "runs badly"
     pointer = (reg.root / POINTER).read_bytes()
-    r = cli("models", "list", "--registry", str(reg.root))
+    r = run_cli("models", "list", "--registry", str(reg.root), timeout=60)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     lines = {line.lstrip("* ").split()[0]: line for line in r.stdout.splitlines()}
     assert set(lines) == {v1, *bad}
@@ -462,7 +456,7 @@ def test_models_commands_refuse_bad_versions_and_list_the_rest(
         for action in ("promote", "show"):
             if case == "runs badly" and action == "show":
                 continue
-            r = cli("models", action, v, "--registry", str(reg.root))
+            r = run_cli("models", action, v, "--registry", str(reg.root), timeout=60)
             assert r.returncode == 2, (case, action, r.stdout)
             assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     # promote runs the model as the service would, so one that fails when run is refused too
@@ -470,13 +464,14 @@ def test_models_commands_refuse_bad_versions_and_list_the_rest(
     # a FIFO in place of the pointer is refused, not waited on
     (reg.root / POINTER).unlink()
     os.mkfifo(reg.root / POINTER)
-    r = cli("models", "list", "--registry", str(reg.root))
+    r = run_cli("models", "list", "--registry", str(reg.root), timeout=60)
     assert r.returncode == 2 and "a FIFO, not a regular file" in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------- the service
 
 
+@pytest.mark.slow  # a real server
 def test_service_refuses_every_bad_version_and_keeps_serving(
     good: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -524,6 +519,7 @@ def test_service_refuses_every_bad_version_and_keeps_serving(
     assert "model watch failed" not in s.logs()
 
 
+@pytest.mark.slow  # a real server
 def test_fresh_serve_falls_back_from_a_model_that_fails_when_run(
     good: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -543,10 +539,13 @@ def test_fresh_serve_falls_back_from_a_model_that_fails_when_run(
         assert "output recon over" in fallbacks[0]["reason"]
     assert "warning: the serving version cannot be loaded" in s.logs()
     # a bundle served alone has nothing to fall back to: the start stops, with the reason
-    r = cli("serve", "--bundle", str(reg.version_path(bad)), "--port", str(free_port()))
+    r = run_cli(
+        "serve", "--bundle", str(reg.version_path(bad)), "--port", str(free_port()), timeout=60
+    )
     assert r.returncode == 2 and "output recon over" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # a real server
 def test_a_load_that_takes_too_long_is_shown_then_given_up(
     good: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -581,6 +580,7 @@ def test_a_load_that_takes_too_long_is_shown_then_given_up(
     assert len(statuses) > 20 and set(statuses) == {200}, statuses
 
 
+@pytest.mark.slow  # a real server
 def test_a_load_that_cannot_be_stopped_is_shown_as_stuck_and_blocks_nothing(
     good: tuple[Path, str], tmp_path: Path
 ) -> None:

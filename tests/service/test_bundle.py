@@ -24,9 +24,8 @@ from service.bundle import (
 )
 from service.features import Percentiles, encode_columns
 from service.runtime import open_bundle
+from tests.conftest import ROOT
 from training.demo_data import generate_payments
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def copy_bundle(src: Path, tmp_path: Path) -> Path:
@@ -55,6 +54,7 @@ def test_bundle_holds_the_contract_files(bundle_dir: Path) -> None:
     assert "amount" not in nullable
 
 
+@pytest.mark.slow  # a fresh interpreter: the only way to see what it imports
 def test_bundle_loads_and_scores_without_torch(bundle_dir: Path) -> None:
     code = textwrap.dedent(f"""
         import sys

@@ -90,6 +90,7 @@ def test_missing_values_are_scored(trained: Result) -> None:
     assert all(np.isfinite(v).all() for v in s.values())
 
 
+@pytest.mark.slow  # trains models
 def test_onnxruntime_matches_torch(train_df: pd.DataFrame, tmp_path: Path) -> None:
     cfg = small_config(epochs=3)
     prep = prepare(train_df, cfg)
@@ -117,6 +118,7 @@ def test_onnxruntime_matches_torch(train_df: pd.DataFrame, tmp_path: Path) -> No
     assert np.isfinite(max_abs)
 
 
+@pytest.mark.slow  # a run per record
 def test_scores_are_the_same_for_every_batch_size(trained: Result) -> None:
     df = generate_payments(64, seed=8)
     whole = scores_of(trained.path, df)["elbo"]
@@ -126,6 +128,7 @@ def test_scores_are_the_same_for_every_batch_size(trained: Result) -> None:
     np.testing.assert_allclose(whole, one_by_one, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # trains models
 def test_same_seed_gives_same_model_and_scores(train_df: pd.DataFrame, tmp_path: Path) -> None:
     df = train_df.iloc[:1500]
     runs = []
@@ -157,6 +160,7 @@ def test_same_seed_gives_same_model_and_scores(train_df: pd.DataFrame, tmp_path:
     assert other.manifest.model.sha256 != a.model.sha256
 
 
+@pytest.mark.slow  # trains models
 def test_labelled_rows_are_kept_out_and_evaluated(tmp_path: Path) -> None:
     normal = generate_payments(2000, seed=12).assign(label=0)
     bad = make_anomalies(60, seed=12).drop(columns="anomaly_kind").assign(label=1)

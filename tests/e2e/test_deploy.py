@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import Server, prometheus_query, records, run_server, tool, wait_for
+from tests.conftest import ROOT, Server, prometheus_query, records, run_server, tool, wait_until
 from training.demo_data import generate_payments, make_anomalies
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PROM = DEPLOY / "prometheus"
 
@@ -172,7 +171,12 @@ def test_prometheus_sees_what_was_sent(
     with run_server(["serve", "--bundle", str(bundle_dir)], tmp_path) as server:
         s: Server = server
         prom = prometheus_on(s.url.removeprefix("http://"))
-        wait_for(lambda: prometheus_query(prom, 'up{job="vae-anomaly"} == 1'))
+        wait_until(
+            lambda: prometheus_query(prom, 'up{job="vae-anomaly"} == 1'),
+            'up{job="vae-anomaly"} == 1',
+            timeout=30,
+            every=0.5,
+        )
         time.sleep(2.5)  # a few scrapes before the traffic
         sent_scores: list[float] = []
         flagged = total = 0
@@ -188,7 +192,12 @@ def test_prometheus_sees_what_was_sent(
             assert bad.status_code == 422
         assert 40 <= flagged < total  # 60 anomalies among 600 records
         # wait until a scrape has seen all of it
-        wait_for(lambda: prometheus_query(prom, f"vae_anomaly_records_scored_total == {total}"))
+        wait_until(
+            lambda: prometheus_query(prom, f"vae_anomaly_records_scored_total == {total}"),
+            f"vae_anomaly_records_scored_total == {total}",
+            timeout=30,
+            every=0.5,
+        )
         time.sleep(2.5)
         window = "60s"
         # the raw samples in the window: from 0 before the traffic to exactly what was sent

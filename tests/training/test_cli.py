@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,7 @@ import pandas as pd
 import pytest
 
 from service.bundle import read_bundle
-from service.cli import main
-from tests.conftest import cli_executable
+from tests.conftest import run_cli, run_main
 from training.demo_data import generate_payments
 
 FAST = ["--epochs", "3", "--quiet", "--exclude", "transaction_id"]
@@ -23,41 +21,21 @@ def small_df() -> pd.DataFrame:
     return generate_payments(400, seed=21)
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+@pytest.fixture
+def small_csv(small_df: pd.DataFrame, tmp_path: Path) -> Path:
+    data = tmp_path / "d.csv"
+    small_df.to_csv(data, index=False)
+    return data
 
 
+@pytest.mark.slow  # the real `vae-anomaly` processes
 def test_train_command_end_to_end(tmp_path: Path) -> None:
-    exe = cli_executable()
     data = tmp_path / "pay.csv"
-    r = subprocess.run(
-        [exe, "sample-data", "--out", str(data), "--rows", "600"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = run_cli("sample-data", "--out", data, "--rows", "600", timeout=120)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "bundle"
-    r = subprocess.run(
-        [
-            exe,
-            "train",
-            str(data),
-            "--out",
-            str(out),
-            *FAST,
-            "--seed",
-            "1",
-            "--target-fpr",
-            "0.05",
-            "--score",
-            "iwae",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    r = run_cli(
+        "train", data, "--out", out, *FAST, "--seed", "1", "--target-fpr", "0.05", "--score", "iwae"
     )
     assert r.returncode == 0, r.stderr
     assert f"bundle: {out}" in r.stdout
@@ -68,6 +46,7 @@ def test_train_command_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
+@pytest.mark.slow  # trains models
 def test_each_file_format_trains(
     small_df: pd.DataFrame, tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -78,7 +57,7 @@ def test_each_file_format_trains(
         small_df.to_parquet(data, index=False)
     else:
         small_df.to_json(data, orient="records", lines=True)
-    code, _, err = run(capsys, "train", str(data), "--out", str(tmp_path / "b"), *FAST)
+    code, _, err = run_main(capsys, "train", str(data), "--out", str(tmp_path / "b"), *FAST)
     assert code == 0, err
     kinds = {f.name: f.kind for f in read_bundle(tmp_path / "b").manifest.features}
     assert kinds == {
@@ -94,17 +73,17 @@ def test_each_file_format_trains(
     }
 
 
+@pytest.mark.slow  # trains models
 def test_config_file_overrides_types_and_settings(
-    small_df: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    small_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = tmp_path / "d.csv"
-    small_df.to_csv(data, index=False)
+    data = small_csv
     cfg = tmp_path / "c.toml"
     cfg.write_text(
         'exclude = ["transaction_id"]\nlatent = 3\nhidden = [32]\nepochs = 2\n'
         '[columns.hour]\ntype = "categorical"\n[columns.amount]\ntransform = "none"\n'
     )
-    code, _, err = run(
+    code, _, err = run_main(
         capsys, "train", str(data), "--out", str(tmp_path / "b"), "--config", str(cfg), "--quiet"
     )
     assert code == 0, err
@@ -115,7 +94,7 @@ def test_config_file_overrides_types_and_settings(
     assert m.config["latent"] == 3 and m.config["hidden"] == [32] and m.config["epochs"] == 2
 
     (tmp_path / "bad.json").write_text(json.dumps({"latnet": 3}))
-    code, _, err = run(
+    code, _, err = run_main(
         capsys,
         "train",
         str(data),
@@ -173,7 +152,7 @@ def test_bad_training_data_fails_cleanly(
         assert isinstance(content, pd.DataFrame)
         content.to_csv(data, index=False)  # for "parquet that is csv": a CSV named .parquet
     out = tmp_path / "bundle"
-    code, _, err = run(capsys, "train", str(data), "--out", str(out), *FAST, *extra)
+    code, _, err = run_main(capsys, "train", str(data), "--out", str(out), *FAST, *extra)
     assert code != 0
     assert err.startswith("error: ") and len(err.strip()) > 10
     assert "Traceback" not in err
@@ -181,56 +160,57 @@ def test_bad_training_data_fails_cleanly(
     assert sorted(p.name for p in tmp_path.iterdir()) == [data.name], "something was written"
 
 
+@pytest.mark.slow  # trains models
 def test_constant_column_is_dropped_with_a_warning(
     small_df: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = tmp_path / "d.csv"
     small_df.assign(currency="USD", fee=0.0).to_csv(data, index=False)
-    code, _, err = run(capsys, "train", str(data), "--out", str(tmp_path / "b"), *FAST)
+    code, _, err = run_main(capsys, "train", str(data), "--out", str(tmp_path / "b"), *FAST)
     assert code == 0
     assert "'currency' is constant" in err and "'fee' is constant" in err
     names = {f.name for f in read_bundle(tmp_path / "b").manifest.features}
     assert "currency" not in names and "fee" not in names
 
 
+@pytest.mark.slow  # trains models
 def test_existing_output_is_not_overwritten_without_asking(
-    small_df: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    small_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = tmp_path / "d.csv"
-    small_df.to_csv(data, index=False)
+    data = small_csv
     out = tmp_path / "b"
-    assert run(capsys, "train", str(data), "--out", str(out), *FAST)[0] == 0
+    assert run_main(capsys, "train", str(data), "--out", str(out), *FAST)[0] == 0
     first = read_bundle(out).manifest.version
-    code, _, err = run(capsys, "train", str(data), "--out", str(out), *FAST)
+    code, _, err = run_main(capsys, "train", str(data), "--out", str(out), *FAST)
     assert code != 0 and "exists" in err
     assert read_bundle(out).manifest.version == first
-    assert run(capsys, "train", str(data), "--out", str(out), *FAST, "--overwrite")[0] == 0
+    assert run_main(capsys, "train", str(data), "--out", str(out), *FAST, "--overwrite")[0] == 0
     assert read_bundle(out).manifest.version != first
 
 
+@pytest.mark.slow  # trains models
 def test_training_threads_are_chosen_unless_given(
-    small_df: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    small_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """No --threads: the count the rule gives for this model (torch's own default would be one
     per core); --threads N: N. The count used is recorded in the manifest and printed."""
     import torch
 
-    data = tmp_path / "d.csv"
-    small_df.to_csv(data, index=False)
-    code, out, err = run(capsys, "train", str(data), "--out", str(tmp_path / "a"), *FAST)
+    data = small_csv
+    code, out, err = run_main(capsys, "train", str(data), "--out", str(tmp_path / "a"), *FAST)
     assert code == 0, err
     m = read_bundle(tmp_path / "a").manifest
     assert m.config["threads"] is None
     assert m.metrics["threads"] == torch.get_num_threads() == 1
     assert "1 torch thread(s)" in out
-    code, out, err = run(
+    code, out, err = run_main(
         capsys, "train", str(data), "--out", str(tmp_path / "b"), *FAST, "--threads", "3"
     )
     assert code == 0, err
     m = read_bundle(tmp_path / "b").manifest
     assert m.config["threads"] == m.metrics["threads"] == torch.get_num_threads() == 3
     assert "3 torch thread(s)" in out
-    code, _, err = run(
+    code, _, err = run_main(
         capsys, "train", str(data), "--out", str(tmp_path / "c"), *FAST, "--threads", "0"
     )
     assert code == 2 and "threads must be >= 1" in err

@@ -1,15 +1,15 @@
-"""The scoring service end to end: a real uvicorn process on 127.0.0.1, spoken to over HTTP."""
+"""The HTTP API in process: the app that `serve` runs, driven through httpx's ASGI transport
+(tests/conftest.py `InProcess`): scoring, validation and error bodies, API keys, the schema,
+V2 and the metrics, without a server process."""
 
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,32 +17,39 @@ import pytest
 from service.bundle import read_bundle
 from service.features import encode_columns
 from service.runtime import open_bundle
-from tests.conftest import Server, metric_samples, records, run_server, value
+from tests.conftest import InProcess, in_process, metric_samples, records, v2_body, value
 from training.demo_data import generate_payments, make_anomalies
 
 MAX_RECORDS = 100
 MAX_BODY = 64 * 1024
+KEY = "in-process-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def server(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    env = {"VAE_ANOMALY_MAX_RECORDS": str(MAX_RECORDS), "VAE_ANOMALY_MAX_BODY_BYTES": str(MAX_BODY)}
-    with run_server(
-        ["serve", "--bundle", str(bundle_dir)], tmp_path_factory.mktemp("srv"), env=env
-    ) as s:
-        yield s
+def client(bundle_dir: Path) -> Iterator[InProcess]:
+    with in_process(bundle_dir, max_records=MAX_RECORDS, max_body_bytes=MAX_BODY) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as c:
+def defaults(bundle_dir: Path) -> Iterator[InProcess]:
+    """The default settings (a 16 MiB body limit)."""
+    with in_process(bundle_dir) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def keyed(bundle_dir: Path) -> Iterator[InProcess]:
+    """Scoring and the metadata (metrics, API docs) behind an API key."""
+    with in_process(bundle_dir, api_keys=KEY, protect_metadata=True) as c:
         yield c
 
 
 # ---------------------------------------------------------------- scoring
 
 
-def test_normal_and_anomalous_records(client: httpx.Client, bundle_dir: Path) -> None:
+def test_normal_and_anomalous_records(client: InProcess, bundle_dir: Path) -> None:
     m = read_bundle(bundle_dir).manifest
     normal = records(generate_payments(MAX_RECORDS, seed=31))
     bad = records(make_anomalies(50, seed=31))
@@ -67,7 +74,7 @@ def test_normal_and_anomalous_records(client: httpx.Client, bundle_dir: Path) ->
     assert np.mean([r["percentile"] for r in res_a]) > 95
 
 
-def test_results_come_back_in_request_order(client: httpx.Client, bundle_dir: Path) -> None:
+def test_results_come_back_in_request_order(client: InProcess, bundle_dir: Path) -> None:
     df = pd.concat([generate_payments(20, seed=32), make_anomalies(20, seed=32)])
     df = df.sample(frac=1.0, random_state=1).reset_index(drop=True)
     r = client.post("/v1/score", json={"records": records(df)})
@@ -81,14 +88,14 @@ def test_results_come_back_in_request_order(client: httpx.Client, bundle_dir: Pa
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
-def test_attribution_names_the_driving_feature(client: httpx.Client) -> None:
+def test_attribution_names_the_driving_feature(client: InProcess) -> None:
     bad = records(make_anomalies(10, seed=33, kinds=("velocity",)))
     r = client.post("/v1/score", params={"explain": 1}, json={"records": bad})
     tops = [x["top_features"][0]["name"] for x in r.json()["results"]]
     assert tops.count("tx_last_24h") >= 9
 
 
-def test_query_picks_score_type_and_explanations(client: httpx.Client, bundle_dir: Path) -> None:
+def test_query_picks_score_type_and_explanations(client: InProcess, bundle_dir: Path) -> None:
     m = read_bundle(bundle_dir).manifest
     recs = records(make_anomalies(3, seed=34))
     r = client.post("/v1/score", params={"score": "recon", "explain": 0}, json={"records": recs})
@@ -104,7 +111,7 @@ def test_query_picks_score_type_and_explanations(client: httpx.Client, bundle_di
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "score"
 
 
-def test_unseen_category_is_scored_and_flagged(client: httpx.Client) -> None:
+def test_unseen_category_is_scored_and_flagged(client: InProcess) -> None:
     rec = records(generate_payments(1, seed=35))[0]
     rec["merchant_category"] = "space_tourism"
     r = client.post("/v1/score", json={"records": [rec]})
@@ -114,7 +121,7 @@ def test_unseen_category_is_scored_and_flagged(client: httpx.Client) -> None:
     assert math.isfinite(res["score"])
 
 
-def test_ignored_training_columns_are_accepted(client: httpx.Client, bundle_dir: Path) -> None:
+def test_ignored_training_columns_are_accepted(client: InProcess, bundle_dir: Path) -> None:
     assert "transaction_id" in read_bundle(bundle_dir).manifest.ignored_columns
     rec = records(generate_payments(1, seed=36))[0]
     assert "transaction_id" in rec
@@ -141,7 +148,7 @@ BAD_RECORDS: dict[str, tuple[dict[str, Any], str, str]] = {
 
 
 @pytest.mark.parametrize("case", list(BAD_RECORDS))
-def test_bad_record_names_index_field_and_reason(client: httpx.Client, case: str) -> None:
+def test_bad_record_names_index_field_and_reason(client: InProcess, case: str) -> None:
     change, field, reason = BAD_RECORDS[case]
     recs = [_one(), {**_one(), **change}]
     r = client.post("/v1/score", json={"records": recs})
@@ -153,7 +160,7 @@ def test_bad_record_names_index_field_and_reason(client: httpx.Client, case: str
     assert all(e["record"] == 1 for e in errors)
 
 
-def test_absent_required_field(client: httpx.Client) -> None:
+def test_absent_required_field(client: InProcess) -> None:
     rec = _one()
     del rec["hour"]
     r = client.post("/v1/score", json={"records": [rec]})
@@ -167,7 +174,7 @@ def test_absent_required_field(client: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
-def test_non_finite_numbers_are_refused(client: httpx.Client, token: str) -> None:
+def test_non_finite_numbers_are_refused(client: InProcess, token: str) -> None:
     rec = _one()
     text = json.dumps({"records": [rec]})
     text = text.replace(f'"amount": {json.dumps(rec["amount"])}', f'"amount": {token}')
@@ -189,9 +196,7 @@ def test_non_finite_numbers_are_refused(client: httpx.Client, token: str) -> Non
         (b'{"records": [], "extra": 1}', 422, "extra"),
     ],
 )
-def test_malformed_bodies(
-    client: httpx.Client, body: bytes, status: int, field: str | None
-) -> None:
+def test_malformed_bodies(client: InProcess, body: bytes, status: int, field: str | None) -> None:
     r = client.post("/v1/score", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     j = r.json()
@@ -200,13 +205,13 @@ def test_malformed_bodies(
         assert j["errors"][0]["field"] == field
 
 
-def test_batch_too_large(client: httpx.Client) -> None:
+def test_batch_too_large(client: InProcess) -> None:
     r = client.post("/v1/score", json={"records": [_one()] * (MAX_RECORDS + 1)})
     assert r.status_code == 422
     assert r.json()["errors"][0]["reason"] == "batch_too_large"
 
 
-def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
+def test_body_over_the_limit_is_413(client: InProcess) -> None:
     big = {"records": [{**_one(), "country": "y" * 200}] * 400}
     r = client.post("/v1/score", json=big)
     assert r.status_code == 413
@@ -216,7 +221,7 @@ def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
     assert r.status_code == 413
 
 
-def test_fuzzed_values_never_give_a_5xx(client: httpx.Client) -> None:
+def test_fuzzed_values_never_give_a_5xx(client: InProcess) -> None:
     weird: list[Any] = [
         None,
         True,
@@ -249,7 +254,7 @@ def test_fuzzed_values_never_give_a_5xx(client: httpx.Client) -> None:
 # ---------------------------------------------------------------- model, health, openapi
 
 
-def test_model_health_and_request_id(client: httpx.Client, bundle_dir: Path) -> None:
+def test_model_health_and_request_id(client: InProcess, bundle_dir: Path) -> None:
     m = read_bundle(bundle_dir).manifest
     info = client.get("/v1/model").json()
     assert info["name"] == m.name and info["version"] == m.version
@@ -269,7 +274,7 @@ def test_model_health_and_request_id(client: httpx.Client, bundle_dir: Path) -> 
     assert fresh not in generated and "x" * 20 not in fresh and len(fresh) < 40
 
 
-def test_openapi_shows_the_models_fields(client: httpx.Client) -> None:
+def test_openapi_shows_the_models_fields(client: InProcess) -> None:
     spec = client.get("/openapi.json").json()
     comps = spec["components"]["schemas"]
     rec = comps["Record"]
@@ -314,7 +319,7 @@ def v2_request(df: pd.DataFrame, m_features: list[Any]) -> dict[str, Any]:
     }
 
 
-def test_v2_health_and_metadata(client: httpx.Client, bundle_dir: Path) -> None:
+def test_v2_health_and_metadata(client: InProcess, bundle_dir: Path) -> None:
     m = read_bundle(bundle_dir).manifest
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/v2/health/ready").status_code == 200
@@ -333,7 +338,7 @@ def test_v2_health_and_metadata(client: httpx.Client, bundle_dir: Path) -> None:
     assert r.status_code == 404 and set(r.json()) == {"error"}
 
 
-def test_v2_infer_matches_native(client: httpx.Client, bundle_dir: Path) -> None:
+def test_v2_infer_matches_native(client: InProcess, bundle_dir: Path) -> None:
     m = read_bundle(bundle_dir).manifest
     df = pd.concat([generate_payments(5, seed=38), make_anomalies(5, seed=38)], ignore_index=True)
     r = client.post(f"/v2/models/{m.name}/infer", json=v2_request(df, m.features))
@@ -375,9 +380,7 @@ def test_v2_infer_matches_native(client: httpx.Client, bundle_dir: Path) -> None
         "not_object",
     ],
 )
-def test_v2_errors_use_the_protocol_body(
-    client: httpx.Client, bundle_dir: Path, change: str
-) -> None:
+def test_v2_errors_use_the_protocol_body(client: InProcess, bundle_dir: Path, change: str) -> None:
     m = read_bundle(bundle_dir).manifest
     req: Any = v2_request(generate_payments(3, seed=39), m.features)
     inp = req["inputs"]
@@ -407,7 +410,7 @@ def test_v2_errors_use_the_protocol_body(
 # ---------------------------------------------------------------- metrics
 
 
-def test_metrics_move_by_the_right_amounts(client: httpx.Client, bundle_dir: Path) -> None:
+def test_metrics_move_by_the_right_amounts(client: InProcess, bundle_dir: Path) -> None:
     m = read_bundle(bundle_dir).manifest
     before = metric_samples(client)
     recs = records(pd.concat([generate_payments(7, seed=40), make_anomalies(5, seed=40)]))
@@ -457,99 +460,112 @@ def test_metrics_move_by_the_right_amounts(client: httpx.Client, bundle_dir: Pat
     routes = {dict(k[1]).get("route") for k in after if k[0] == "vae_anomaly_http_requests_total"}
     assert not any(r and m.name in r for r in routes)
     assert delta("vae_anomaly_http_request_duration_seconds_count", route="/v1/score") == 2
-    assert (
-        value(
-            after,
-            "vae_anomaly_model_info",
-            name=m.name,
-            version=m.version,
-            score_type=m.default_score,
-        )
-        == 1
-    )
-    thr = m.thresholds[m.default_score].value
-    assert value(after, "vae_anomaly_threshold") == pytest.approx(thr)
-    assert value(after, "vae_anomaly_model_reloads_total", result="success") == 1
-    # the score histogram has buckets on both sides of the threshold
-    les = sorted(float(dict(k[1])["le"]) for k in after if k[0] == "vae_anomaly_score_bucket")
-    assert sum(le < thr for le in les) >= 5 and sum(thr < le < math.inf for le in les) >= 5
-    assert any(le == pytest.approx(thr, rel=1e-5) for le in les)
 
 
-def test_metrics_add_up_across_two_workers(bundle_dir: Path, tmp_path: Path) -> None:
-    mp = tmp_path / "prom"
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(mp), "VAE_ANOMALY_UNKNOWN_FIELDS": "ignore"}
-    with run_server(
-        ["serve", "--bundle", str(bundle_dir), "--workers", "2"], tmp_path, env=env
-    ) as s:
-        recs = records(generate_payments(3, seed=41))
-        recs[0]["favourite_colour"] = "blue"  # ignored by this server's setting
-
-        def post(_: int) -> int:
-            # a new connection each time, so the kernel spreads them over the workers
-            with httpx.Client(base_url=s.url, timeout=30) as c:
-                return c.post("/v1/score", json={"records": recs}).status_code
-
-        with ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(post, range(60)))
-        assert statuses == [200] * 60
-        with httpx.Client(base_url=s.url, timeout=30) as c:
-            samples = metric_samples(c)
-        pids = {p.stem.rsplit("_", 1)[-1] for p in mp.glob("counter_*.db")}
-        assert len(pids) >= 2, "each worker writes its own samples"
-        assert value(samples, "vae_anomaly_records_scored_total") == 180
-        assert (
-            value(
-                samples,
-                "vae_anomaly_http_requests_total",
-                method="POST",
-                route="/v1/score",
-                status="200",
-            )
-            == 60
-        )
-        # concurrent requests may share an onnxruntime call (micro-batching)
-        assert 1 <= value(samples, "vae_anomaly_batch_size_count") <= 60
-        assert value(samples, "vae_anomaly_batch_size_sum") == 180
-        assert value(samples, "vae_anomaly_score_count") == 180
-        # each worker loaded the model once: /metrics (answered by one worker) sums both
-        assert value(samples, "vae_anomaly_model_reloads_total", result="success") == 2
+# ---------------------------------------------------------------- hostile bodies, queries
 
 
-def test_concurrent_requests_share_calls_and_each_gets_its_own_answer(
-    server: Server, bundle_dir: Path
+def test_deep_nesting_is_refused_cleanly(defaults: InProcess, bundle_dir: Path) -> None:
+    name = read_bundle(bundle_dir).manifest.name
+    rec = records(generate_payments(1, seed=72))[0]
+    for depth in (2_000, 200_000):
+        deep = b"[" * depth + b"]" * depth
+        for path in ("/v1/score", f"/v2/models/{name}/infer"):
+            r = defaults.post(path, content=deep, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (path, depth, r.text)
+            assert "not valid JSON" in r.json()["error"]
+    # nesting inside a record's field: the field is named, the request refused
+    nested: Any = 1.0
+    for _ in range(500):
+        nested = [nested]
+    bad = dict(rec, amount=nested)
+    r = defaults.post("/v1/score", json={"records": [bad]})
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["field"] == "amount"
+    assert r.json()["errors"][0]["reason"] == "wrong_type"
+    # a tensor whose data nests deeper than its shape allows
+    body = v2_body(bundle_dir, rec)
+    body["inputs"][0]["data"] = nested
+    r = defaults.post(f"/v2/models/{name}/infer", json=body)
+    assert 400 <= r.status_code < 500, r.text
+    assert defaults.get("/readyz").status_code == 200
+
+
+def test_numbers_beyond_float_and_odd_tensor_data_are_4xx(
+    defaults: InProcess, bundle_dir: Path
 ) -> None:
-    df = pd.concat([generate_payments(60, seed=42), make_anomalies(20, seed=42)], ignore_index=True)
-    recs = records(df)
-    bundle, model = open_bundle(bundle_dir)
-    feats = bundle.manifest.features
-    expected = model.run(
-        encode_columns(feats, {f.name: df[f.name].to_numpy() for f in feats}).inputs
-    )["elbo"]
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        before = metric_samples(c)
+    name = read_bundle(bundle_dir).manifest.name
+    rec = records(generate_payments(1, seed=73))[0]
+    # an integer of 401 digits: valid JSON, beyond any float
+    text = json.dumps({"records": [dict(rec, amount="BIG")]}).replace('"BIG"', "1" + "0" * 400)
+    r = defaults.post("/v1/score", content=text, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == "amount"
+    body = v2_body(bundle_dir, rec)
+    for data in (5, "abc", {"a": 1}, None, ["BIG"]):
+        body["inputs"][0]["data"] = data
+        text = json.dumps(body).replace('"BIG"', "1" + "0" * 400)
+        r = defaults.post(
+            f"/v2/models/{name}/infer",
+            content=text,
+            headers={"Content-Type": "application/json"},
+        )
+        assert r.status_code == 400, (data, r.text)
 
-    def post(i: int) -> tuple[int, int, Any]:
-        body = {"records": [recs[i]]} if i % 10 else {"records": [{**recs[i], "amount": "x"}]}
-        with httpx.Client(base_url=server.url, timeout=30) as c:
-            r = c.post("/v1/score", json=body)
-            return i, r.status_code, r.json()
 
-    with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(post, range(len(recs))))
-    for i, status, body in answers:
-        if i % 10 == 0:  # a bad record fails only its own request
-            assert status == 422 and body["errors"][0]["field"] == "amount"
-        else:
-            assert status == 200
-            assert body["results"][0]["score"] == pytest.approx(float(expected[i]), rel=1e-5)
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        after = metric_samples(c)
-    calls = value(after, "vae_anomaly_batch_size_count") - value(
-        before, "vae_anomaly_batch_size_count"
-    )
-    scored = value(after, "vae_anomaly_batch_size_sum") - value(
-        before, "vae_anomaly_batch_size_sum"
-    )
-    assert scored == 72
-    assert calls < 72, "no two concurrent requests shared an onnxruntime call"
+def test_query_parameters_are_checked(defaults: InProcess) -> None:
+    recs = records(generate_payments(2, seed=74))
+    for params, field in (
+        ({"explain": "abc"}, "explain"),
+        ({"explain": "1001"}, "explain"),
+        ({"explain": "-1"}, "explain"),
+        ({"score": "mahalanobis"}, "score"),
+    ):
+        r = defaults.post("/v1/score", params=params, json={"records": recs})
+        assert r.status_code == 422, (params, r.text)
+        assert [e["field"] for e in r.json()["errors"]] == [field]
+    r = defaults.post("/v1/score", params={"explain": "2", "score": "iwae"}, json={"records": recs})
+    assert r.status_code == 200
+    assert r.json()["model"]["score_type"] == "iwae"
+    assert all(len(x["top_features"]) <= 2 for x in r.json()["results"])
+
+
+def test_fast_and_careful_validation_agree(defaults: InProcess, bundle_dir: Path) -> None:
+    """Records that take the fast path (plain values) and the same records written so that
+    take the careful path (booleans as 0/1, a missing value left out instead of null) get the
+    same scores, one by one and in a batch."""
+    m = read_bundle(bundle_dir).manifest
+    plain = records(generate_payments(20, seed=75))
+    bools = [f.name for f in m.features if f.kind == "boolean"]
+    nullable = [f.name for f in m.features if f.nullable]
+    assert bools, "the test bundle has boolean features"
+    careful = []
+    for rec in plain:
+        rec2 = dict(rec)
+        for b in bools:
+            rec2[b] = int(rec[b])
+        for k in nullable:
+            if rec2.get(k) is None:
+                rec2.pop(k, None)
+        careful.append(rec2)
+    a = defaults.post("/v1/score", json={"records": plain}).json()["results"]
+    b = defaults.post("/v1/score", json={"records": careful}).json()["results"]
+    one = [defaults.post("/v1/score", json={"records": [r]}).json()["results"][0] for r in careful]
+    assert [x["score"] for x in a] == [x["score"] for x in b]
+    assert [x["score"] for x in one] == pytest.approx([x["score"] for x in a], rel=1e-5)
+    assert [x["top_features"] for x in a] == [x["top_features"] for x in b]
+
+
+# ---------------------------------------------------------------- API keys
+
+
+def test_metrics_and_docs_need_a_key_when_protected(keyed: InProcess) -> None:
+    for path in ("/metrics", "/openapi.json", "/docs"):
+        assert keyed.get(path).status_code == 401, path
+        assert keyed.get(path, headers={"Authorization": "Bearer nope"}).status_code == 403
+        assert keyed.get(path, headers=AUTH).status_code == 200, path
+    assert keyed.get("/redoc").status_code == 404
+    assert "vae_anomaly_http_requests_total" in keyed.get("/metrics", headers=AUTH).text
+    assert "ScoreRequest" in keyed.get("/openapi.json", headers=AUTH).text
+    for path in ("/healthz", "/readyz", "/v2/health/ready"):
+        assert keyed.get(path).status_code == 200, path
