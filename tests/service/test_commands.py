@@ -21,12 +21,12 @@ from service.cli import TRAINING_COMMANDS, main
 from service.errors import DiskFull, MissingExtra, VaeAnomalyError
 from service.registry import Registry, RegistryError
 from service.settings import SettingsError
+from tests.conftest import ROOT
 from training.config import ConfigError
 from training.data import DataError
 from training.demo_data import generate_payments
 from training.export import ExportError
 
-ROOT = Path(__file__).resolve().parent.parent
 TRAIN_HINT = "pip install 'vae-anomaly[train]'"
 
 
