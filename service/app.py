@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
-from service import __version__, admin, logs, metrics, native, v2
+from service import __version__, admin, explorer, logs, metrics, native, v2
 from service.auth import Secrets, require_api_key, require_metadata_key
 from service.errors import InvalidRecords, ServiceError, Timeout
 from service.http import JSON
@@ -337,6 +337,7 @@ def create_app(settings: Settings) -> ServiceApp:
     app.include_router(native.router)
     app.include_router(v2.router)
     app.include_router(admin.router)
+    app.include_router(explorer.router)
 
     @app.get("/healthz", tags=["health"], summary="The process is alive")
     async def healthz() -> dict[str, str]:

@@ -90,6 +90,11 @@ class TrainConfig:
     samples: int = 16  # L posterior samples (fixed noise) per record in the exported graph
     default_score: Literal["elbo", "recon", "iwae"] = "elbo"
     target_fpr: float = 0.01
+    # the model explorer (training/latent.py): a column kept out of training that only colors
+    # the latent map (a digit's class), and [width, height] when the data's feature columns, in
+    # order, are the pixels of a grayscale image (drawn as one)
+    color_column: str | None = None
+    image: list[int] | None = None
 
     def validate(self) -> None:
         def bad(what: str) -> ValueError:

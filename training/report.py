@@ -25,6 +25,7 @@ def write(
     hist: History,
     calib: dict[str, np.ndarray],
     anomalies: dict[str, np.ndarray],
+    recon: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
 ) -> None:
     """Write loss.png, scores.png, roc.png (when labels were given) and report.html."""
     images = ["loss.png", "scores.png"]

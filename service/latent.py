@@ -1,0 +1,189 @@
+"""The latent space of a served model (see service/latent_manifest.py): records -> posterior,
+latent or map points -> decoded records, and what the model expected of each scored feature.
+Knows nothing of HTTP (service/explorer.py serves it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.bundle import (
+    MISSING_INDEX,
+    UNKNOWN_INDEX,
+    BooleanFeature,
+    Bundle,
+    BundleError,
+    CategoricalFeature,
+    NumericFeature,
+)
+from service.latent_manifest import Explorer
+from service.runtime import OnnxModel
+
+MAX_CATEGORIES_SHOWN = 10  # a decoded categorical lists its most likely categories only
+
+
+def sig(x: float) -> float:
+    """4 significant digits: a reconstruction is no more precise than that."""
+    return float(f"{x:.4g}")
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one feature's reconstruction is in the outputs."""
+
+    kind: str
+    col: int  # num_*: real column; bool_p: boolean column; cat_p: first category's column
+    miss: int | None  # column of missing_p, if the feature may be missing
+    categories: list[str] | None = None
+
+
+class Latent:
+    """The posterior and decoder sessions of one bundle, and the map."""
+
+    def __init__(self, bundle: Bundle, section: Explorer, threads: int = 1) -> None:
+        self.section = section
+        self.features = bundle.manifest.features
+        self.posterior = self._session(bundle, section.posterior.file, section.posterior.sha256)
+        self.decoder = self._session(bundle, section.decoder.file, section.decoder.sha256)
+        for sess, want in ((self.posterior, section.posterior), (self.decoder, section.decoder)):
+            if sess.output_names != want.outputs:
+                raise BundleError(f"{want.file}: outputs {sess.output_names}, not {want.outputs}")
+        self.map_mean = np.asarray(section.map.mean, dtype=np.float64)
+        self.map_axes = np.asarray(section.map.components, dtype=np.float64)
+        self.slots = _slots(self.features)
+
+    @staticmethod
+    def _session(bundle: Bundle, file: str, sha256: str) -> OnnxModel:
+        return OnnxModel(bundle.path / file, sha256=sha256)
+
+    def encode(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Posterior ``mu``, ``sigma``, ``map`` coordinates and the reconstruction at mu."""
+        out = self.posterior.run(inputs)
+        out["map"] = self.to_map(out["mu"])
+        return out
+
+    def decode(self, z: np.ndarray) -> dict[str, np.ndarray]:
+        return self.decoder.run({"z": np.ascontiguousarray(z, dtype=np.float32)})
+
+    def to_map(self, mu: np.ndarray) -> np.ndarray:
+        return np.asarray((mu.astype(np.float64) - self.map_mean) @ self.map_axes.T)
+
+    def from_map(self, points: np.ndarray) -> np.ndarray:
+        """The latent point of each map point (on the map's plane through the latent space)."""
+        return np.asarray(self.map_mean + points @ self.map_axes)
+
+    def check(self, inputs: dict[str, np.ndarray]) -> None:
+        """Both graphs run on ``inputs`` and give finite outputs of the right rows."""
+        n = len(next(iter(inputs.values())))
+        out = self.encode(inputs)
+        for name, arr in [*out.items(), *self.decode(out["mu"]).items()]:
+            if len(arr) != n or not np.isfinite(arr).all():
+                raise BundleError(f"latent-space output {name} is not finite on warm-up records")
+
+    def records(self, recon: dict[str, np.ndarray]) -> list[list[dict[str, Any]]]:
+        """Each row of a reconstruction as a decoded record: per feature its expected value
+        (and 90% range), probabilities of booleans, categories and of being missing."""
+        rows = {k: v.tolist() for k, v in recon.items()}
+        n = len(next(iter(recon.values())))
+        pairs = list(zip(self.features, self.slots, strict=True))
+        return [[self.decoded_feature(f.name, s, rows, i) for f, s in pairs] for i in range(n)]
+
+    def decoded_feature(
+        self, name: str, s: _Slot, rows: dict[str, list[Any]], i: int
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": name, "kind": s.kind}
+        if s.kind == "numeric":
+            out["expected"] = sig(rows["num_mean"][i][s.col])
+            out["range"] = [sig(rows["num_lo"][i][s.col]), sig(rows["num_hi"][i][s.col])]
+        elif s.kind == "boolean":
+            p = rows["bool_p"][i][s.col]
+            out.update(expected=p >= 0.5, p=sig(p))
+        else:
+            probs = rows["cat_p"][i][s.col : s.col + len(s.categories or [])]
+            ranked = sorted(range(len(probs)), key=lambda j: -probs[j])
+            best = next(j for j in ranked if j != UNKNOWN_INDEX)
+            cats = s.categories or []
+            out.update(
+                expected=None if best == MISSING_INDEX else cats[best],
+                p=sig(probs[best]),
+                probs=[[cats[j], sig(probs[j])] for j in ranked[:MAX_CATEGORIES_SHOWN]],
+            )
+        if s.miss is not None:
+            out["p_missing"] = sig(rows["missing_p"][i][s.miss])
+        return out
+
+
+def _slots(features: list[Any]) -> list[_Slot]:
+    n_real = sum(isinstance(f, NumericFeature) for f in features)
+    nullable = sorted(
+        (f.column, f.name) for f in features if f.nullable and f.kind != "categorical"
+    )
+    miss = {name: i for i, (_, name) in enumerate(nullable)}
+    offsets, o = {}, 0
+    for f in sorted(
+        (f for f in features if isinstance(f, CategoricalFeature)), key=lambda f: f.column
+    ):
+        offsets[f.name], o = o, o + len(f.categories)
+    slots = []
+    for f in features:
+        if isinstance(f, NumericFeature):
+            slots.append(_Slot("numeric", f.column, miss.get(f.name)))
+        elif isinstance(f, BooleanFeature):
+            slots.append(_Slot("boolean", f.column - n_real, miss.get(f.name)))
+        else:
+            slots.append(_Slot("categorical", offsets[f.name], None, list(f.categories)))
+    return slots
+
+
+def load(bundle: Bundle, threads: int = 1) -> Latent | None:
+    """The bundle's latent space, or None for a bundle without one (trained before it)."""
+    section = bundle.manifest.explorer
+    return None if section is None else Latent(bundle, section, threads)
+
+
+def explain(
+    latent: Latent | None,
+    inputs: dict[str, np.ndarray],
+    tops: list[list[dict[str, Any]]],
+    columns: Any,
+) -> None:
+    """Add to each named feature of ``tops`` (one list per record) the record's ``value`` and
+    what the model expected from the rest of the record: the decoder's output at the record's
+    posterior mean (``expected`` with a 90% ``range``, or the expected category or boolean
+    with its probability ``p``; ``p_missing`` when the value is missing). One run for the
+    whole batch, only when a feature is named."""
+    if latent is None or not any(tops):
+        return
+    out = latent.posterior.run(inputs)
+    rows = {k: out[k] for k in latent.decoder.output_names}
+    index = {f.name: j for j, f in enumerate(latent.features)}
+    for i, top in enumerate(tops):
+        for t in top:
+            j = index[t["name"]]
+            slot = latent.slots[j]
+            one = {k: v[i : i + 1] for k, v in rows.items()}
+            d = latent.decoded_feature(t["name"], slot, {k: v.tolist() for k, v in one.items()}, 0)
+            value = columns[t["name"]][i]
+            t["value"] = value.item() if isinstance(value, np.generic) else value
+            t["expected"] = d["expected"]
+            if "range" in d:
+                t["range"] = d["range"]
+            elif slot.kind == "boolean":
+                t["p"] = d["p"] if d["expected"] else sig(1 - d["p"])
+            else:
+                t["p"] = d["p"]
+            if value is None and "p_missing" in d:
+                t["p_missing"] = d["p_missing"]
+
+
+def explanation_text(t: dict[str, Any]) -> str:
+    """One explained feature as text (bulk scoring's top_features column), e.g.
+    ``amount:0.83 (4800; expected 42 in 20..90)`` or ``country:0.4 (RU; expected US p=0.61)``."""
+    head = f"{t['name']}:{t['share']:g}"
+    if "expected" not in t:
+        return head
+    exp = t["expected"]
+    how = f" in {t['range'][0]:g}..{t['range'][1]:g}" if "range" in t else f" p={t['p']:g}"
+    return f"{head} ({t['value']}; expected {exp}{how})"
