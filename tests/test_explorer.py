@@ -12,13 +12,15 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from playwright.sync_api import expect
 
 from service.bundle import BundleError, NumericFeature, read_bundle
 from service.features import encode_columns
 from service.latent_manifest import MAX_MAP_POINTS
 from service.scoring import Scorer
-from tests.conftest import Server, records, run_server
+from tests.conftest import Server, chromium_page, records, run_server
 from training.demo_data import generate_payments
+from training.digits import digits_frame, pixel_names, train_digits
 
 KEY = "explorer-test-key-0123456789"
 HEADERS = {"X-API-Key": KEY}
@@ -234,3 +236,100 @@ def test_old_bundle_answers_409(bundle_dir: Path, tmp_path: Path) -> None:
         r = httpx.post(f"{s.url}/v1/score", json={"records": recs})
         assert r.status_code == 200
         assert all("expected" not in t for t in r.json()["results"][0]["top_features"])
+
+
+# ---------------------------------------------------------------- the page, in a browser
+
+SHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
+
+
+def drawn_pixels(page: Any, canvas: str) -> int:
+    """Pixels of a canvas that are not the white background."""
+    return int(
+        page.evaluate(
+            """(id) => { const c = document.getElementById(id);
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let n = 0; for (let i = 0; i < d.length; i += 4)
+              if (d[i] < 250 || d[i + 1] < 250 || d[i + 2] < 250) n++;
+            return n; }""",
+            canvas,
+        )
+    )
+
+
+def explore(url: str, shot: Path, key: str | None = None) -> None:
+    """Open the page, check the map drew, hovering decodes, the form scores; screenshot."""
+    with chromium_page() as (page, urls):
+        page.goto(f"{url}/explorer")
+        if key is not None:
+            page.wait_for_selector("#keyform:not([hidden])")
+            page.fill("#key", key)
+            page.click("#keyform button")
+        page.wait_for_selector("#decoded table", state="attached")
+        assert drawn_pixels(page, "map") > 500
+        box = page.locator("#map").bounding_box()
+        assert box is not None
+        seen = []
+        for fx, fy in ((0.2, 0.3), (0.8, 0.7)):
+            before = page.inner_text("#where")
+            page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+            expect(page.locator("#where")).not_to_have_text(before)
+            seen.append(page.text_content("#decoded"))
+        assert seen[0] != seen[1]  # the decoded panel follows the cursor
+        page.click("#record button")
+        page.wait_for_selector("#verdict .verdict")
+        assert page.inner_text("#verdict .verdict") in ("Normal", "Anomaly")
+        page.screenshot(path=str(shot), full_page=True)
+        outside = [u for u in urls if not u.startswith(url)]
+        assert not outside, outside
+
+
+@pytest.mark.slow
+def test_payments_page_in_a_browser(server: Server, tmp_path: Path) -> None:
+    explore(server.url, tmp_path / "explorer-payments.png", key=KEY)
+
+
+# ---------------------------------------------------------------- the digits demo
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_digits(tmp_path_factory.mktemp("digits") / "digits", epochs=20, progress=False)
+
+
+@pytest.mark.slow
+def test_noise_and_inverted_digits_are_anomalies(digits_dir: Path) -> None:
+    s = Scorer(digits_dir)
+    s.warm_up()
+    names = [f.name for f in s.manifest.features]
+    px = digits_frame()[pixel_names()].to_numpy()
+
+    def scored(a: np.ndarray) -> Any:
+        cols = dict(zip(pixel_names(), a.T.tolist(), strict=True))
+        return s.score({n: cols[n] for n in names}, None)
+
+    rng = np.random.default_rng(7)
+    noise = rng.uniform(0, 16, size=(25, 64)).round()
+    inverted = 16 - px[rng.permutation(len(px))[:25]]
+    assert scored(noise).is_anomaly.all()
+    assert scored(inverted).is_anomaly.all()
+    assert scored(px[:300]).is_anomaly.mean() < 0.05  # the digits themselves are normal
+    m = s.manifest.explorer
+    assert m is not None and m.latent == 2 and m.map.kind == "identity"
+    assert m.image is not None and (m.image.width, m.image.height) == (8, 8)
+    assert set(m.sample.label or []) == {str(d) for d in range(10)}
+    assert "digit" not in names  # the class colors the map; the model never sees it
+
+
+@pytest.mark.slow
+def test_demo_digits_page_in_a_browser(digits_dir: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(digits_dir, home / "demo" / "digits")  # what `demo --digits` trained before
+    env = {"VAE_ANOMALY_HOME": str(home)}
+    with run_server(["demo", "--digits", "--quiet"], tmp_path, env=env) as s:
+        assert httpx.get(f"{s.url}/v1/model").json()["name"] == "demo-digits"
+        explore(s.url, tmp_path / "explorer-digits.png")
+        with chromium_page() as (page, _):
+            page.goto(f"{s.url}/explorer")
+            page.wait_for_selector("#decoded table", state="attached")
+            assert drawn_pixels(page, "image") > 100  # a decoded digit, drawn as an image

@@ -290,7 +290,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     try:
         settings_from_args(a)  # a bad setting stops us before any training
-        path = demo_bundle(progress=not a.quiet, registry=a.registry)
+        if a.digits and a.registry:
+            return _fail("--digits keeps its model in its own folder; leave out --registry")
+        if a.digits:
+            from training.digits import digits_bundle
+
+            path = digits_bundle(home(), progress=not a.quiet)
+        else:
+            path = demo_bundle(progress=not a.quiet, registry=a.registry)
         settings = (
             settings_from_args(a, registry=a.registry)
             if a.registry
@@ -302,7 +309,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
         print(f"demo model: {path}")
         return 0
     print(
-        f"serving the demo model {path} on http://{settings.host}:{settings.port} (try /docs)",
+        f"serving the demo model {path} on http://{settings.host}:{settings.port} "
+        "(try /explorer and /docs)",
         file=sys.stderr,
     )
     return serve(settings)
@@ -410,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the demo model in this registry (trained there if it serves none)",
     )
     d.add_argument("--train-only", action="store_true", help="train if needed, do not serve")
+    d.add_argument(
+        "--digits",
+        action="store_true",
+        help="the 8x8 handwritten digits of scikit-learn instead (a 2-D latent space; see "
+        "/explorer)",
+    )
     add_serve_arguments(d)
     d.set_defaults(func=cmd_demo)
 
@@ -417,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-TRAIN_ONLY = {"torch", "pandas", "pyarrow", "onnx", "onnxscript", "tqdm", "matplotlib"}
+TRAIN_ONLY = {"torch", "pandas", "pyarrow", "onnx", "onnxscript", "tqdm", "matplotlib", "sklearn"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,13 +137,15 @@ function showDecoded(rec) {
     if (f.p_missing !== undefined) tr.lastChild.append(el("div", `P(missing) ${fmt(f.p_missing)}`, "cat"));
     t.append(tr);
   }
-  $("decoded").replaceChildren(t);
+  if (rec.image) { // the image says it better; the table stays at hand
+    const d = el("details"); d.append(el("summary", "every pixel"), t); $("decoded").replaceChildren(d);
+  } else $("decoded").replaceChildren(t);
 }
 
-function bar(label, p, hot) {
+function bar(label, p, hot) { // hot: an attribution share (the label says it)
   const d = el("div", null, "cat"), b = el("span", null, hot ? "bar hot" : "bar");
   b.style.width = `${Math.round(Math.max(0, Math.min(1, p)) * 120)}px`;
-  d.append(b, el("span", ` ${label} ${fmt(p)}`));
+  d.append(b, el("span", hot ? ` ${label}` : ` ${label} ${fmt(p)}`));
   return d;
 }
 
@@ -183,7 +185,7 @@ function buildForm(model) {
   const form = $("record"), derived = new Set();
   for (const d of model.datetime_columns) for (const x of d.derived) derived.add(`${d.name}.${x}`);
   const image = state.map && state.map.image;
-  if (image) form.classList.add("pixels");
+  if (image) { form.classList.add("pixels"); form.style.setProperty("--cols", image.width); }
   for (const f of model.features) {
     if (derived.has(f.name)) continue;
     let input;
@@ -236,7 +238,7 @@ async function scoreForm() {
         how = t.range ? ` — ${fmt(t.value)}, expected ${fmt(t.expected)} (${fmt(t.range[0])}–${fmt(t.range[1])})`
           : ` — ${fmt(t.value)}, expected ${fmt(t.expected)} (p ${fmt(t.p)})`;
       }
-      box.append(bar(`${t.name}${how}`, t.share, true));
+      box.append(bar(`${Math.round(100 * t.share)}% ${t.name}${how}`, t.share, true));
     }
     for (const u of r.unusual_values) box.append(el("div", `${u.field}: ${u.why}`, "cat"));
     if (state.map) {
