@@ -30,7 +30,7 @@ def sig(x: float) -> float:
 
 
 @dataclass(frozen=True)
-class _Slot:
+class Slot:
     """Where one feature's reconstruction is in the outputs."""
 
     kind: str
@@ -52,7 +52,7 @@ class Latent:
                 raise BundleError(f"{want.file}: outputs {sess.output_names}, not {want.outputs}")
         self.map_mean = np.asarray(section.map.mean, dtype=np.float64)
         self.map_axes = np.asarray(section.map.components, dtype=np.float64)
-        self.slots = _slots(self.features)
+        self.slots = feature_slots(self.features)
 
     @staticmethod
     def _session(bundle: Bundle, file: str, sha256: str) -> OnnxModel:
@@ -91,7 +91,7 @@ class Latent:
         return [[self.decoded_feature(f.name, s, rows, i) for f, s in pairs] for i in range(n)]
 
     def decoded_feature(
-        self, name: str, s: _Slot, rows: dict[str, list[Any]], i: int
+        self, name: str, s: Slot, rows: dict[str, list[Any]], i: int
     ) -> dict[str, Any]:
         out: dict[str, Any] = {"name": name, "kind": s.kind}
         if s.kind == "numeric":
@@ -115,7 +115,7 @@ class Latent:
         return out
 
 
-def _slots(features: list[Any]) -> list[_Slot]:
+def feature_slots(features: list[Any]) -> list[Slot]:
     n_real = sum(isinstance(f, NumericFeature) for f in features)
     nullable = sorted(
         (f.column, f.name) for f in features if f.nullable and f.kind != "categorical"
@@ -129,11 +129,11 @@ def _slots(features: list[Any]) -> list[_Slot]:
     slots = []
     for f in features:
         if isinstance(f, NumericFeature):
-            slots.append(_Slot("numeric", f.column, miss.get(f.name)))
+            slots.append(Slot("numeric", f.column, miss.get(f.name)))
         elif isinstance(f, BooleanFeature):
-            slots.append(_Slot("boolean", f.column - n_real, miss.get(f.name)))
+            slots.append(Slot("boolean", f.column - n_real, miss.get(f.name)))
         else:
-            slots.append(_Slot("categorical", offsets[f.name], None, list(f.categories)))
+            slots.append(Slot("categorical", offsets[f.name], None, list(f.categories)))
     return slots
 
 

@@ -89,6 +89,21 @@ def test_map_points_lie_inside_the_bounds(scorer: Scorer) -> None:
     assert np.allclose(lat.to_map(lat.from_map(pts)), pts, atol=1e-6)
 
 
+def test_report_shows_the_map_features_and_dropped_columns(bundle_dir: Path) -> None:
+    page = (bundle_dir / "report.html").read_text()
+    m = read_bundle(bundle_dir).manifest
+    assert (bundle_dir / "latent.png").stat().st_size > 5000 and 'src="latent.png"' in page
+    features = page[page.index("<table id='features'>") :]
+    features = features[: features.index("</table>")]
+    for f in m.features:
+        assert f"<td>{f.name}</td>" in features
+    assert features.count("inside the decoded 90% range") == sum(
+        isinstance(f, NumericFeature) for f in m.features
+    )
+    dropped = page[page.index("<table id='dropped'>") :]
+    assert "<td>transaction_id</td><td>excluded" in dropped[: dropped.index("</table>")]
+
+
 def test_old_bundle_without_latent_files_still_scores(bundle_dir: Path, tmp_path: Path) -> None:
     old = strip_latent(bundle_dir, tmp_path / "old")
     s = Scorer(old)

@@ -262,7 +262,9 @@ def demo_bundle(progress: bool = True, registry: Path | None = None) -> Path:
         return reg.version_path(reg.serving() or "")
     path = home() / "demo" / "payments"
     if reg is None and (path / "manifest.json").exists():
-        return path
+        if '"explorer"' in (path / "manifest.json").read_text(encoding="utf-8"):
+            return path
+        print("the demo model predates the explorer: training it again", file=sys.stderr)
     from training.config import TrainConfig
     from training.demo_data import generate_payments
     from training.train import train_bundle
@@ -276,6 +278,7 @@ def demo_bundle(progress: bool = True, registry: Path | None = None) -> Path:
         source="sample-payments",
         data_fingerprint=f"generate_payments(n={DEMO_ROWS}, seed=0)",
         progress=progress,
+        overwrite=reg is None,  # an older demo model, without the explorer's files
     )
     if reg is not None:
         reg.promote(r.manifest.version)
