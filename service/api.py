@@ -171,7 +171,7 @@ class Model:
             counts = {name: int(r.sum()) for name, _, r in scored.unusual}
             if explain > 0:
                 named = top_features(self.scorer.feature_names, scored, explain)
-                latent.explain(self.scorer.latent, scored.inputs, named, valid)
+                latent.explain(scored.expected, named, valid)
                 for i, top in zip(rows, named, strict=True):
                     tops[i] = ", ".join(map(latent.explanation_text, top))
         out = pd.DataFrame({"score": score, "is_anomaly": flagged, "percentile": pct})

@@ -61,8 +61,8 @@ class EncodeResponse(BaseModel):
     results: list[Posterior]
 
 
-def encoded(lat: Latent, inputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    out = lat.encode(inputs)
+def encoded(scorer: Scorer, lat: Latent, columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    out = lat.encode(scorer.encode(columns).inputs)
     axes = lat.map_axes
     # the posterior N(mu, diag(sigma^2)) seen on the map's plane: A diag(sigma^2) A^T
     cov = np.einsum("ik,nk,jk->nij", axes, out["sigma"].astype(np.float64) ** 2, axes)
@@ -80,6 +80,8 @@ def encoded(lat: Latent, inputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 
 @router.post(
     "/v1/encode", response_model=EncodeResponse, response_class=JSON, summary="Encode records",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ScoreRequest"}}}}},
     **KEYED,
 )  # fmt: skip
 async def encode(request: Request, scorer: ScorerDep, settings: SettingsDep) -> JSON:
@@ -88,8 +90,7 @@ async def encode(request: Request, scorer: ScorerDep, settings: SettingsDep) -> 
     lat = latent_of(scorer)
     body = await read_body(request, settings.max_body_bytes)
     parsed = await parse_body(request, body, records_to_columns, scorer.manifest, settings)
-    inputs = scorer.encode(parsed.columns).inputs
-    results = await offload(parsed.n, encoded, lat, inputs)
+    results = await offload(parsed.n, encoded, scorer, lat, parsed.columns)
     return JSON({"model": _model(scorer), "results": results})
 
 

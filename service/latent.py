@@ -53,6 +53,7 @@ class Latent:
         self.map_mean = np.asarray(section.map.mean, dtype=np.float64)
         self.map_axes = np.asarray(section.map.components, dtype=np.float64)
         self.slots = feature_slots(self.features)
+        self.slot_of = {f.name: s for f, s in zip(self.features, self.slots, strict=True)}
 
     @staticmethod
     def _session(bundle: Bundle, file: str, sha256: str) -> OnnxModel:
@@ -143,39 +144,83 @@ def load(bundle: Bundle, threads: int = 1) -> Latent | None:
     return None if section is None else Latent(bundle, section, threads)
 
 
+class Expected:
+    """What the model expected of each feature of one scored batch (all requests coalesced
+    by micro-batching share one): the decoder's output at each record's posterior mean.
+    Computed when first asked for (a batch nobody explains costs nothing), one posterior run
+    and array work per feature for the whole batch."""
+
+    def __init__(self, latent: Latent, inputs: dict[str, np.ndarray]) -> None:
+        self.latent, self.inputs = latent, inputs
+        self.out: dict[str, np.ndarray] | None = None
+        self.columns: dict[str, Column] = {}
+
+    def column(self, name: str) -> Column:
+        """(expected value, its range or probability, P(missing)) of every row."""
+        col = self.columns.get(name)
+        if col is None:
+            if self.out is None:
+                self.out = self.latent.posterior.run(self.inputs)
+            col = self.columns[name] = _column(self.latent.slot_of[name], self.out)
+        return col
+
+
+Column = tuple[list[Any], list[Any] | None, list[float] | None]
+
+
+def _column(s: Slot, out: dict[str, np.ndarray]) -> Column:
+    p_missing = None if s.miss is None else sig_list(out["missing_p"][:, s.miss])
+    if s.kind == "numeric":
+        mean, lo, hi = (sig_list(out[k][:, s.col]) for k in ("num_mean", "num_lo", "num_hi"))
+        return mean, [[a, b] for a, b in zip(lo, hi, strict=True)], p_missing
+    if s.kind == "boolean":
+        p = out["bool_p"][:, s.col]
+        return (p >= 0.5).tolist(), sig_list(np.maximum(p, 1 - p)), p_missing
+    cats = s.categories or []
+    probs = out["cat_p"][:, s.col : s.col + len(cats)].copy()
+    probs[:, UNKNOWN_INDEX] = -1.0  # "never seen" is no expectation
+    best = probs.argmax(1)
+    names = [None if j == MISSING_INDEX else cats[j] for j in best.tolist()]
+    return names, sig_list(np.take_along_axis(probs, best[:, None], 1)[:, 0]), None
+
+
 def explain(
-    latent: Latent | None,
-    inputs: dict[str, np.ndarray],
+    expected: tuple[Expected, int] | None,
     tops: list[list[dict[str, Any]]],
     columns: Any,
 ) -> None:
-    """Add to each named feature of ``tops`` (one list per record) the record's ``value`` and
-    what the model expected from the rest of the record: the decoder's output at the record's
-    posterior mean (``expected`` with a 90% ``range``, or the expected category or boolean
-    with its probability ``p``; ``p_missing`` when the value is missing). One run for the
-    whole batch, only when a feature is named."""
-    if latent is None or not any(tops):
+    """Add to each named feature of ``tops`` (one list per record of a request that starts
+    at row ``offset`` of its batch's ``Expected``) the record's ``value`` and what the model
+    expected from the rest of the record: ``expected`` with a central 90% ``range``, or the
+    expected category or boolean with its probability ``p``; ``p_missing`` when the value is
+    missing. Nothing for a bundle without latent files (``expected`` None)."""
+    if expected is None or not any(tops):
         return
-    out = latent.posterior.run(inputs)
-    rows = {k: out[k] for k in latent.decoder.output_names}
-    index = {f.name: j for j, f in enumerate(latent.features)}
+    batch, offset = expected
+    kinds = batch.latent.slot_of
     for i, top in enumerate(tops):
         for t in top:
-            j = index[t["name"]]
-            slot = latent.slots[j]
-            one = {k: v[i : i + 1] for k, v in rows.items()}
-            d = latent.decoded_feature(t["name"], slot, {k: v.tolist() for k, v in one.items()}, 0)
-            value = columns[t["name"]][i]
+            name = t["name"]
+            value = columns[name][i]
             t["value"] = value.item() if isinstance(value, np.generic) else value
-            t["expected"] = d["expected"]
-            if "range" in d:
-                t["range"] = d["range"]
-            elif slot.kind == "boolean":
-                t["p"] = d["p"] if d["expected"] else sig(1 - d["p"])
-            else:
-                t["p"] = d["p"]
-            if value is None and "p_missing" in d:
-                t["p_missing"] = d["p_missing"]
+            exp, extra, p_missing = batch.column(name)
+            t["expected"] = exp[offset + i]
+            if extra is not None:
+                t["range" if kinds[name].kind == "numeric" else "p"] = extra[offset + i]
+            if value is None and p_missing is not None:
+                t["p_missing"] = p_missing[offset + i]
+
+
+def sig_list(a: np.ndarray) -> list[float]:
+    """:func:`sig` of each value: one by one for a few (numpy's calls cost more than such
+    rows), as array work for many."""
+    if len(a) <= 32:
+        return [sig(x) for x in a.tolist()]
+    a = np.asarray(a, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.floor(np.log10(np.abs(a)))
+    scale = 10.0 ** (3 - np.where(np.isfinite(mag), mag, 0))
+    return list((np.round(a * scale) / scale).tolist())
 
 
 def explanation_text(t: dict[str, Any]) -> str:

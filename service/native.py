@@ -420,7 +420,7 @@ def results_json(
     results: list[dict[str, Any]] = []
     if scored is not None:
         tops = top_features(scorer.feature_names, scored, explain)
-        latent.explain(scorer.latent, scored.inputs, tops, parsed.columns)
+        latent.explain(scored.expected, tops, parsed.columns)
         unknown = [[] for _ in range(len(scored.score))]  # type: list[list[str]]
         for name, rows in scored.unknown.items():
             for i in rows.nonzero()[0]:

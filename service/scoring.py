@@ -38,7 +38,9 @@ class Scored:
     unknown: dict[str, npt.NDArray[np.bool_]]  # feature -> rows with an unseen category
     # (feature, kind, rows) of values the model never saw (service/values.py)
     unusual: list[tuple[str, str, npt.NDArray[np.bool_]]] = field(default_factory=list)
-    inputs: dict[str, np.ndarray] = field(default_factory=dict)  # the model's (explanations)
+    # what the model expected of each feature (service/latent.py): the batch's, and where
+    # this request's rows start in it; None for a bundle without latent files
+    expected: tuple[latent.Expected, int] | None = None
 
 
 class Scorer:
@@ -107,6 +109,7 @@ class Scorer:
             never_normal(scores, found, thr)
             by_type[st] = (scores, scores > thr, thr, self.percentile(st, scores))
         unknown = {k: v for k, v in enc.unknown.items() if v.any()}
+        expected = None if self.latent is None else latent.Expected(self.latent, enc.inputs)
         results = []
         lo = 0
         for cols, score_type in requests:
@@ -126,7 +129,7 @@ class Scorer:
                     unusual=[]
                     if found is None
                     else [(f, k, r[lo:hi]) for f, k, r in found.items if r[lo:hi].any()],
-                    inputs={k: v[lo:hi] for k, v in enc.inputs.items()},
+                    expected=None if expected is None else (expected, lo),
                 )
             )
             lo = hi

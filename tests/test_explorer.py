@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect
 
+from service.api import Model
 from service.bundle import BundleError, NumericFeature, read_bundle
 from service.features import encode_columns
 from service.latent_manifest import MAX_MAP_POINTS
@@ -102,6 +103,16 @@ def test_report_shows_the_map_features_and_dropped_columns(bundle_dir: Path) -> 
     )
     dropped = page[page.index("<table id='dropped'>") :]
     assert "<td>transaction_id</td><td>excluded" in dropped[: dropped.index("</table>")]
+
+
+def test_bulk_explanations_name_value_and_expectation(bundle_dir: Path) -> None:
+    df = generate_payments(20, seed=8)
+    df.loc[0, "distance_from_home_km"] = 12345.0
+    out = Model.load(bundle_dir).score(df, explain=2)
+    first = out["top_features"].iloc[0]
+    assert first.startswith("distance_from_home_km:") and "(12345.0; expected " in first
+    lo, hi = map(float, first.split(" in ")[1].split(")")[0].split(".."))
+    assert lo < hi < 12345.0
 
 
 def test_old_bundle_without_latent_files_still_scores(bundle_dir: Path, tmp_path: Path) -> None:
