@@ -11,6 +11,7 @@ A bundle is a directory holding exactly:
   a row sums to 1, or less when its total excess is below that of 90% of normal records).
 - ``manifest.json``: :class:`Manifest`, everything else the service needs (feature schema and
   vocabularies, thresholds, the normal score distribution, metrics, config, sha256 of the model).
+- optionally ``posterior.onnx`` and ``decoder.onnx``, the latent space (service/latent_manifest.py).
 - optionally a training report (``report.html`` and PNGs), never read by the service.
 
 Only ONNX and JSON are ever loaded. Bundles are written to a temporary directory beside the

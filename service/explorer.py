@@ -201,7 +201,13 @@ async def latent_map(scorer: ScorerDep) -> JSON:
         used = [pix[p] for p in s.image.pixels if p in pix]
         lo = min([s.image.background, *(f.min for f in used)])
         hi = max([s.image.background, *(f.max for f in used)])
-        image = {"width": s.image.width, "height": s.image.height, "min": lo, "max": hi}
+        image = {
+            "width": s.image.width,
+            "height": s.image.height,
+            "pixels": s.image.pixels,
+            "min": lo,
+            "max": hi,
+        }
     labels = s.sample.label
     return JSON(
         {

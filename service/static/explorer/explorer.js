@@ -37,13 +37,21 @@ function status(text) { $("status").textContent = text; }
 
 // ---------------------------------------------------------------- the map
 
+function view() { // the map's bounds, widened to show a scored record's posterior
+  const [[x0, x1], [y0, y1]] = state.map.bounds, p = state.posterior;
+  if (!p) return [[x0, x1], [y0, y1]];
+  const rx = 2.2 * Math.sqrt(p.map_cov[0][0]), ry = 2.2 * Math.sqrt(p.map_cov[1][1]);
+  return [[Math.min(x0, p.map[0] - rx), Math.max(x1, p.map[0] + rx)],
+    [Math.min(y0, p.map[1] - ry), Math.max(y1, p.map[1] + ry)]];
+}
+
 function toCanvas(x, y) {
-  const c = $("map"), [[x0, x1], [y0, y1]] = state.map.bounds;
+  const c = $("map"), [[x0, x1], [y0, y1]] = view();
   return [(x - x0) / (x1 - x0) * c.width, (1 - (y - y0) / (y1 - y0)) * c.height];
 }
 
 function fromCanvas(px, py) {
-  const c = $("map"), [[x0, x1], [y0, y1]] = state.map.bounds;
+  const c = $("map"), [[x0, x1], [y0, y1]] = view();
   return [x0 + px / c.width * (x1 - x0), y0 + (1 - py / c.height) * (y1 - y0)];
 }
 
@@ -75,7 +83,7 @@ function drawPosterior(g, post) {
   const [[a, b], [, d]] = post.map_cov, [cx, cy] = toCanvas(...post.map);
   const tr = (a + d) / 2, det = Math.sqrt(Math.max(0, ((a - d) / 2) ** 2 + b * b));
   const l1 = tr + det, l2 = Math.max(0, tr - det), angle = 0.5 * Math.atan2(2 * b, a - d);
-  const c = $("map"), [[x0, x1], [y0, y1]] = state.map.bounds;
+  const c = $("map"), [[x0, x1], [y0, y1]] = view();
   const sx = c.width / (x1 - x0), sy = c.height / (y1 - y0);
   g.save(); g.translate(cx, cy); g.scale(sx, -sy); g.rotate(angle);
   g.beginPath(); g.ellipse(0, 0, 2 * Math.sqrt(l1), 2 * Math.sqrt(l2), 0, 0, 2 * Math.PI);
@@ -186,7 +194,13 @@ function buildForm(model) {
   for (const d of model.datetime_columns) for (const x of d.derived) derived.add(`${d.name}.${x}`);
   const image = state.map && state.map.image;
   if (image) { form.classList.add("pixels"); form.style.setProperty("--cols", image.width); }
-  for (const f of model.features) {
+  const byName = new Map(model.features.map((f) => [f.name, f]));
+  // an image's pixels in their places (one training dropped, constant, stays a blank cell)
+  const order = image ? [...image.pixels, ...model.features.map((f) => f.name)
+    .filter((n) => !image.pixels.includes(n))] : model.features.map((f) => f.name);
+  for (const name of order) {
+    const f = byName.get(name);
+    if (!f) { form.append(el("span")); continue; }
     if (derived.has(f.name)) continue;
     let input;
     if (f.kind === "categorical") {
@@ -238,7 +252,8 @@ async function scoreForm() {
         how = t.range ? ` — ${fmt(t.value)}, expected ${fmt(t.expected)} (${fmt(t.range[0])}–${fmt(t.range[1])})`
           : ` — ${fmt(t.value)}, expected ${fmt(t.expected)} (p ${fmt(t.p)})`;
       }
-      box.append(bar(`${Math.round(100 * t.share)}% ${t.name}${how}`, t.share, true));
+      const pct = (100 * t.share).toFixed(t.share < 0.1 ? 1 : 0);
+      box.append(bar(`${pct}% ${t.name}${how}`, t.share, true));
     }
     for (const u of r.unusual_values) box.append(el("div", `${u.field}: ${u.why}`, "cat"));
     if (state.map) {
