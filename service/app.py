@@ -222,6 +222,7 @@ def install_openapi(app: FastAPI) -> None:
                     "application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}
                 },
             }
+            explorer.document(schema, scorer, settings.max_records)
         for name, model in bodies.items():
             js = model.model_json_schema(ref_template="#/components/schemas/{model}")
             models.update(js.pop("$defs", {}))

@@ -14,14 +14,21 @@ from pydantic import BaseModel, Field
 
 from service.auth import require_api_key
 from service.bundle import NumericFeature
-from service.errors import ERROR_RESPONSES, Conflict, InvalidRecords, NotFound
+from service.errors import ERROR_RESPONSES, Conflict, ErrorBody, InvalidRecords, NotFound
 from service.http import JSON, ScorerDep, SettingsDep, offload, parse_body, read_body
 from service.latent import Latent
 from service.native import records_to_columns
 from service.scoring import Scorer
 
 router = APIRouter(tags=["explorer"])
-KEYED: dict[str, Any] = {"dependencies": [Depends(require_api_key)], "responses": ERROR_RESPONSES}
+NO_LATENT = {
+    409: {"model": ErrorBody, "description": "the model has no latent-space files (retrain it)"}
+}
+KEYED: dict[str, Any] = {
+    "dependencies": [Depends(require_api_key)],
+    "responses": {**ERROR_RESPONSES, **NO_LATENT},
+}
+MAX_COORDINATE = 1e30  # beyond, map arithmetic in float32 overflows; +-10 is the clamp anyway
 STATIC = {"explorer.js": "text/javascript", "explorer.css": "text/css"}
 # the page loads nothing from elsewhere, and nothing it shows may run as script
 PAGE_HEADERS = {
@@ -97,13 +104,6 @@ async def encode(request: Request, scorer: ScorerDep, settings: SettingsDep) -> 
 # ---------------------------------------------------------------- decode
 
 
-class DecodeRequest(BaseModel):
-    """Exactly one of ``points`` (map coordinates) or ``latent`` (latent vectors)."""
-
-    points: list[list[float]] | None = Field(None, description="[x, y] map points")
-    latent: list[list[float]] | None = Field(None, description="latent vectors")
-
-
 class DecodedRecord(BaseModel):
     latent: list[float]
     map: list[float]
@@ -147,7 +147,41 @@ DECODE_KEYS = ("points", "latent")
 
 
 def _finite(v: Any) -> bool:
-    return type(v) in (int, float) and math.isfinite(v) and abs(v) < 1e30
+    return type(v) in (int, float) and math.isfinite(v) and abs(v) <= MAX_COORDINATE
+
+
+def decode_schema(latent_dim: int | None, max_n: int) -> dict[str, Any]:
+    """The decode request's JSON schema, exactly what :func:`vectors` accepts (for a model
+    with ``latent_dim`` dimensions; None: any)."""
+    number = {"type": "number", "minimum": -MAX_COORDINATE, "maximum": MAX_COORDINATE}
+
+    def body(key: str, width: int | None, what: str) -> dict[str, Any]:
+        vec: dict[str, Any] = {"type": "array", "items": number, "minItems": width or 1}
+        if width:
+            vec["maxItems"] = width
+        rows = {"type": "array", "items": vec, "minItems": 1, "maxItems": max_n}
+        return {
+            "type": "object",
+            "properties": {key: {**rows, "description": what}},
+            "required": [key],
+            "additionalProperties": False,
+        }
+
+    return {
+        "oneOf": [
+            body("points", 2, "map points [x, y]"),
+            body("latent", latent_dim, "latent vectors (each axis clamped to +-10)"),
+        ]
+    }
+
+
+def document(schema: dict[str, Any], scorer: Scorer, max_records: int) -> None:
+    """Put the served model's decode request (its latent size, the limits) in ``schema``."""
+    op = schema["paths"].get("/v1/decode", {}).get("post")
+    if op is not None:
+        dim = scorer.latent.section.latent if scorer.latent is not None else None
+        content = {"application/json": {"schema": decode_schema(dim, max_records)}}
+        op["requestBody"] = {"required": True, "content": content}
 
 
 def _err(record: int | None, field: str | None, reason: str, message: str) -> dict[str, Any]:
@@ -172,8 +206,6 @@ def decoded(lat: Latent, key: str, vecs: np.ndarray) -> list[dict[str, Any]]:
 
 @router.post(
     "/v1/decode", response_model=DecodeResponse, response_class=JSON, summary="Decode points",
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-        "schema": DecodeRequest.model_json_schema()}}}},
     **KEYED,
 )  # fmt: skip
 async def decode(request: Request, scorer: ScorerDep, settings: SettingsDep) -> JSON:
