@@ -45,8 +45,10 @@ class Latent:
     def __init__(self, bundle: Bundle, section: Explorer, threads: int = 1) -> None:
         self.section = section
         self.features = bundle.manifest.features
-        self.posterior = self._session(bundle, section.posterior.file, section.posterior.sha256)
-        self.decoder = self._session(bundle, section.decoder.file, section.decoder.sha256)
+        self.posterior, self.decoder = (
+            OnnxModel(bundle.path / f.file, sha256=f.sha256, intra_op_threads=threads)
+            for f in (section.posterior, section.decoder)
+        )
         for sess, want in ((self.posterior, section.posterior), (self.decoder, section.decoder)):
             if sess.output_names != want.outputs:
                 raise BundleError(f"{want.file}: outputs {sess.output_names}, not {want.outputs}")
@@ -54,10 +56,6 @@ class Latent:
         self.map_axes = np.asarray(section.map.components, dtype=np.float64)
         self.slots = feature_slots(self.features)
         self.slot_of = {f.name: s for f, s in zip(self.features, self.slots, strict=True)}
-
-    @staticmethod
-    def _session(bundle: Bundle, file: str, sha256: str) -> OnnxModel:
-        return OnnxModel(bundle.path / file, sha256=sha256)
 
     def encode(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Posterior ``mu``, ``sigma``, ``map`` coordinates and the reconstruction at mu."""
