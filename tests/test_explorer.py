@@ -20,8 +20,10 @@ from service.features import encode_columns
 from service.latent_manifest import MAX_MAP_POINTS
 from service.scoring import Scorer
 from tests.conftest import Server, chromium_page, records, run_server
-from training.demo_data import generate_payments
+from training.config import TrainConfig
+from training.demo_data import generate_payments, labelled
 from training.digits import digits_frame, pixel_names, train_digits
+from training.train import train_bundle
 
 KEY = "explorer-test-key-0123456789"
 HEADERS = {"X-API-Key": KEY}
@@ -113,6 +115,29 @@ def test_bulk_explanations_name_value_and_expectation(bundle_dir: Path) -> None:
     assert first.startswith("distance_from_home_km:") and "(12345.0; expected " in first
     lo, hi = map(float, first.split(" in ")[1].split(")")[0].split(".."))
     assert lo < hi < 12345.0
+
+
+@pytest.mark.slow
+def test_labelled_anomalies_join_the_map_with_their_label(tmp_path: Path) -> None:
+    cfg = TrainConfig(exclude=["transaction_id"], label_column="is_anomaly", epochs=3)
+    r = train_bundle(labelled(1500, 60, seed=2), tmp_path / "b", cfg, source="l.csv",
+                     data_fingerprint="l", progress=False)  # fmt: skip
+    assert r.manifest.explorer is not None
+    sample = r.manifest.explorer.sample
+    assert sample.label_name == "label" and sample.label is not None
+    assert sample.label.count("anomaly") == 60 and "normal" in sample.label
+    anomalous = [
+        p for p, lab in zip(sample.percentile, sample.label, strict=True) if lab != "normal"
+    ]
+    assert np.median(anomalous) > 90  # labelled anomalies score high among normal records
+
+
+def test_an_image_that_does_not_fit_stops_training_early(tmp_path: Path) -> None:
+    cfg = TrainConfig(exclude=["transaction_id"], image=[4, 4], epochs=1)
+    with pytest.raises(ValueError, match="4x4 needs 16 feature columns, the data has 9"):
+        train_bundle(generate_payments(300, seed=1), tmp_path / "b", cfg, source="p.csv",
+                     data_fingerprint="p", progress=False)  # fmt: skip
+    assert not (tmp_path / "b").exists()
 
 
 def test_old_bundle_without_latent_files_still_scores(bundle_dir: Path, tmp_path: Path) -> None:

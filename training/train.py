@@ -52,6 +52,7 @@ from training.config import TrainConfig
 from training.data import Feature, Prepared, prepare
 from training.export import OPSET, compare, export_onnx, input_names
 from training.latent import for_bundle as latent_files
+from training.latent import image_of
 from training.model import VAE, Layout, Preprocess, ScoringGraph, kl_normal
 
 EVAL_BATCH = 4096
@@ -223,6 +224,7 @@ def train_bundle(
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists (choose another --out, or --overwrite)")
     prep: Prepared = prepare(df, cfg, trainable)
+    image_of(cfg, prep)  # a config's image that does not fit the data stops us before training
     layout = layout_of(prep.features)
     normal = encode_columns(prep.features, prep.columns).inputs
     x_num, x_cat = _tensors(_rows(normal, prep.train_idx))
