@@ -54,6 +54,9 @@ class Latent:
                 raise BundleError(f"{want.file}: outputs {sess.output_names}, not {want.outputs}")
         self.map_mean = np.asarray(section.map.mean, dtype=np.float64)
         self.map_axes = np.asarray(section.map.components, dtype=np.float64)
+        d = section.latent
+        if self.map_mean.shape != (d,) or self.map_axes.shape != (2, d):
+            raise BundleError(f"the latent map does not fit a {d}-D latent space")
         self.slots = feature_slots(self.features)
         self.slot_of = {f.name: s for f, s in zip(self.features, self.slots, strict=True)}
 
@@ -77,6 +80,8 @@ class Latent:
         """Both graphs run on ``inputs`` and give finite outputs of the right rows."""
         n = len(next(iter(inputs.values())))
         out = self.encode(inputs)
+        if out["mu"].shape != (n, self.section.latent):
+            raise BundleError(f"posterior mu is {list(out['mu'].shape)}, not [{n}, latent]")
         for name, arr in [*out.items(), *self.decode(out["mu"]).items()]:
             if len(arr) != n or not np.isfinite(arr).all():
                 raise BundleError(f"latent-space output {name} is not finite on warm-up records")

@@ -149,6 +149,18 @@ def test_old_bundle_without_latent_files_still_scores(bundle_dir: Path, tmp_path
     assert len(s.score(cols, None).score) == 3
 
 
+def test_a_map_that_does_not_fit_the_latent_space_is_refused(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    raw = json.loads((bad / "manifest.json").read_text())
+    raw["explorer"]["map"]["mean"].append(0.0)
+    (bad / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="latent map"):
+        Scorer(bad)
+
+
 def strip_latent(src: Path, dest: Path) -> Path:
     """A copy of the bundle as training wrote it before the explorer: no latent files."""
     shutil.copytree(src, dest)
