@@ -133,17 +133,19 @@ def main() -> int:
 def explanation_cost(bundle: Path, body: bytes) -> None:
     """5. What explanations that point at the value cost: the same model with its latent
     files and without them (then top features carry no value and expectation)."""
-    print("\n5. CPU per single-record /v1/score (explain=3): with expected values and without")
+    print("\n5. CPU per single-record /v1/score (explain=3), with expected values and without,")
+    print("   64 concurrent (micro-batched) and one at a time")
     with tempfile.TemporaryDirectory() as tmp:
         bare = Path(tmp) / "bare"
         shutil.copytree(bundle, bare)
         raw = json.loads((bare / "manifest.json").read_text())
         raw.pop("explorer", None)
         (bare / "manifest.json").write_text(json.dumps(raw))
-        for name, path in (("with expected values", bundle), ("without", bare)):
-            app = create_app(Settings(bundle=path, log_level="warning"))
-            us = asyncio.run(asgi_cpu_per_request(app, body, 64, 4000, 5))
-            print(f"   {name}: {us:.0f} us")
+        for conc, n in ((64, 4000), (1, 1500)):
+            for name, path in (("with expected values", bundle), ("without", bare)):
+                app = create_app(Settings(bundle=path, log_level="warning"))
+                us = asyncio.run(asgi_cpu_per_request(app, body, conc, n, 5))
+                print(f"   c={conc}, {name}: {us:.0f} us")
 
 
 def _v2_tensors(rec: dict[str, Any], feats: Any) -> list[tuple[str, str, Any]]:
