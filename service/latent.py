@@ -77,13 +77,15 @@ class Latent:
         return np.asarray(self.map_mean + points @ self.map_axes)
 
     def check(self, inputs: dict[str, np.ndarray]) -> None:
-        """Both graphs run on ``inputs`` and give finite outputs of the right rows."""
+        """Both graphs run on ``inputs`` and give finite outputs of the features' widths."""
         n = len(next(iter(inputs.values())))
         out = self.encode(inputs)
-        if out["mu"].shape != (n, self.section.latent):
-            raise BundleError(f"posterior mu is {list(out['mu'].shape)}, not [{n}, latent]")
+        widths = {"mu": self.section.latent, "sigma": self.section.latent, "map": 2}
+        widths.update(output_widths(self.features))
         for name, arr in [*out.items(), *self.decode(out["mu"]).items()]:
-            if len(arr) != n or not np.isfinite(arr).all():
+            if arr.shape != (n, widths.get(name)):
+                raise BundleError(f"latent-space output {name} is {list(arr.shape)} on {n} rows")
+            if not np.isfinite(arr).all():
                 raise BundleError(f"latent-space output {name} is not finite on warm-up records")
 
     def records(self, recon: dict[str, np.ndarray]) -> list[list[dict[str, Any]]]:
@@ -117,6 +119,19 @@ class Latent:
         if s.miss is not None:
             out["p_missing"] = sig(rows["missing_p"][i][s.miss])
         return out
+
+
+def output_widths(features: list[Any]) -> dict[str, int]:
+    """The width of each reconstruction output, from the feature schema."""
+    n_real = sum(isinstance(f, NumericFeature) for f in features)
+    return {
+        "num_mean": n_real,
+        "num_lo": n_real,
+        "num_hi": n_real,
+        "bool_p": sum(isinstance(f, BooleanFeature) for f in features),
+        "missing_p": sum(f.nullable for f in features if not isinstance(f, CategoricalFeature)),
+        "cat_p": sum(len(f.categories) for f in features if isinstance(f, CategoricalFeature)),
+    }
 
 
 def feature_slots(features: list[Any]) -> list[Slot]:

@@ -161,6 +161,20 @@ def test_a_map_that_does_not_fit_the_latent_space_is_refused(
         Scorer(bad)
 
 
+def test_latent_outputs_that_do_not_fit_the_features_are_refused(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    raw = json.loads((bad / "manifest.json").read_text())
+    cat = next(f for f in raw["features"] if f["kind"] == "categorical")
+    cat["categories"].append("a-category-the-graphs-never-had")
+    (bad / "manifest.json").write_text(json.dumps(raw))
+    s = Scorer(bad)
+    with pytest.raises(BundleError, match="cat_p"):
+        s.warm_up()
+
+
 def strip_latent(src: Path, dest: Path) -> Path:
     """A copy of the bundle as training wrote it before the explorer: no latent files."""
     shutil.copytree(src, dest)
