@@ -11,7 +11,9 @@ Prints medians over repeats, measured in this one run:
    64 at a time: the service (micro-batching on) against a FastAPI endpoint that returns a
    constant. What is left between them is the per-request cost that HTTP load tests see;
 4. the same for one record through V2 infer, as JSON and as binary tensors (tritonclient's
-   defaults: FP32/INT64/BOOL/BYTES inputs, binary outputs), against the native path.
+   defaults: FP32/INT64/BOOL/BYTES inputs, binary outputs), against the native path;
+5. the same native request with and without the latent files (the cost of top features that
+   carry the record's value and what the model expected).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -122,7 +126,26 @@ def main() -> int:
         app = create_app(Settings(bundle=a.bundle, log_level="warning"))
         us = asyncio.run(asgi_cpu_per_request(app, payload, 64, 4000, 5, route, headers))
         print(f"   {name}: {us:.0f} us")
+    explanation_cost(a.bundle, body)
     return 0
+
+
+def explanation_cost(bundle: Path, body: bytes) -> None:
+    """5. What explanations that point at the value cost: the same model with its latent
+    files and without them (then top features carry no value and expectation)."""
+    print("\n5. CPU per single-record /v1/score (explain=3), with expected values and without,")
+    print("   64 concurrent (micro-batched) and one at a time")
+    with tempfile.TemporaryDirectory() as tmp:
+        bare = Path(tmp) / "bare"
+        shutil.copytree(bundle, bare)
+        raw = json.loads((bare / "manifest.json").read_text())
+        raw.pop("explorer", None)
+        (bare / "manifest.json").write_text(json.dumps(raw))
+        for conc, n in ((64, 4000), (1, 1500)):
+            for name, path in (("with expected values", bundle), ("without", bare)):
+                app = create_app(Settings(bundle=path, log_level="warning"))
+                us = asyncio.run(asgi_cpu_per_request(app, body, conc, n, 5))
+                print(f"   c={conc}, {name}: {us:.0f} us")
 
 
 def _v2_tensors(rec: dict[str, Any], feats: Any) -> list[tuple[str, str, Any]]:

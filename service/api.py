@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from service import tables, timefeatures, values
+from service import latent, tables, timefeatures, values
 from service.bundle import Bundle, Manifest, client_fields, read_bundle
 from service.errors import VaeAnomalyError
 from service.registry import Registry
@@ -172,8 +172,9 @@ class Model:
             counts = {name: int(r.sum()) for name, _, r in scored.unusual}
             if explain > 0:
                 named = top_features(self.scorer.feature_names, scored, explain)
+                latent.explain(scored.expected, named, valid)
                 for i, top in zip(rows, named, strict=True):
-                    tops[i] = ", ".join(f"{t['name']}:{t['share']:g}" for t in top)
+                    tops[i] = ", ".join(map(latent.explanation_text, top))
         out = pd.DataFrame({"score": score, "is_anomaly": flagged, "percentile": pct})
         out["unusual"] = pd.array(unusual, dtype=object)
         out["error"] = pd.array([errors.get(i) for i in range(n)], dtype=object)

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
-from service import __version__, admin, logs, metrics, native, v2
+from service import __version__, admin, explorer, logs, metrics, native, v2
 from service.auth import Secrets, require_api_key, require_metadata_key
 from service.errors import InvalidRecords, ServiceError, Timeout
 from service.http import JSON
@@ -222,6 +222,7 @@ def install_openapi(app: FastAPI) -> None:
                     "application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}
                 },
             }
+            explorer.document(schema, scorer, settings.max_records)
         for name, model in bodies.items():
             js = model.model_json_schema(ref_template="#/components/schemas/{model}")
             models.update(js.pop("$defs", {}))
@@ -337,6 +338,7 @@ def create_app(settings: Settings) -> ServiceApp:
     app.include_router(native.router)
     app.include_router(v2.router)
     app.include_router(admin.router)
+    app.include_router(explorer.router)
 
     @app.get("/healthz", tags=["health"], summary="The process is alive")
     async def healthz() -> dict[str, str]:

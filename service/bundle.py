@@ -11,6 +11,7 @@ A bundle is a directory holding exactly:
   a row sums to 1, or less when its total excess is below that of 90% of normal records).
 - ``manifest.json``: :class:`Manifest`, everything else the service needs (feature schema and
   vocabularies, thresholds, the normal score distribution, metrics, config, sha256 of the model).
+- optionally ``posterior.onnx`` and ``decoder.onnx``, the latent space (service/latent_manifest.py).
 - optionally a training report (``report.html`` and PNGs), never read by the service.
 
 Only ONNX and JSON are ever loaded. Bundles are written to a temporary directory beside the
@@ -37,6 +38,7 @@ from typing import Annotated, Any, BinaryIO, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.errors import DiskFull, VaeAnomalyError, no_room
+from service.latent_manifest import Explorer
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"
@@ -267,6 +269,7 @@ class Manifest(_Strict):
     data: DataInfo
     model: ModelFile
     reference: Reference | None = None
+    explorer: Explorer | None = None  # the latent-space files and map (service/latent.py)
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -420,17 +423,19 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
     if not root.is_dir():
         raise BundleError(f"{root}: not a bundle directory")
     manifest = parse_manifest(mpath, _read_manifest(root, mpath))
-    model = root / manifest.model.file
     if Path(manifest.model.file).name != manifest.model.file:
         raise BundleError(f"{mpath}: model file must be a plain file name")
-    try:
-        digest = sha256_file(model)
-    except OSError as e:
-        raise BundleError(f"{model}: unreadable model file: {e}") from e
-    if digest != manifest.model.sha256:
-        raise BundleError(
-            f"{model}: sha256 {digest} does not match the manifest ({manifest.model.sha256})"
-        )
+    extra = manifest.explorer.files() if manifest.explorer else []
+    for file, sha in [(manifest.model.file, manifest.model.sha256)] + [
+        (f.file, f.sha256) for f in extra
+    ]:
+        model = root / file
+        try:
+            digest = sha256_file(model)
+        except OSError as e:
+            raise BundleError(f"{model}: unreadable model file: {e}") from e
+        if digest != sha:
+            raise BundleError(f"{model}: sha256 {digest} does not match the manifest ({sha})")
     return Bundle(root, manifest)
 
 

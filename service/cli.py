@@ -45,7 +45,16 @@ TRAINING_COMMANDS = {
     "demo": "serve the demo model (trained on sample data if absent)",
 }
 # Top-level modules of the optional extras: a command that misses one names its extra.
-EXTRA_MODULES = {"torch", "pandas", "pyarrow", "onnx", "onnxscript", "tqdm", "matplotlib"}
+EXTRA_MODULES = {
+    "torch",
+    "pandas",
+    "pyarrow",
+    "onnx",
+    "onnxscript",
+    "tqdm",
+    "matplotlib",
+    "sklearn",
+}
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from service import metrics, timefeatures, values
+from service import latent, metrics, timefeatures, values
 from service.auth import check_api_key, require_api_key
 from service.bundle import (
     MISSING_TOKEN,
@@ -344,6 +344,13 @@ def request_model(m: Manifest, max_records: int, max_string_length: int) -> type
 class FeatureShare(BaseModel):
     name: str
     share: float = Field(description="share of the score in excess of normal, 0 to 1")
+    # what the model expected of the feature from the rest of the record (service/latent.py;
+    # absent for a bundle trained without the latent-space files)
+    value: Any = Field(None, description="the record's value (null: missing)")
+    expected: Any = Field(None, description="the decoded value, category or boolean")
+    range: list[float] | None = Field(None, description="numeric: central 90% range expected")
+    p: float | None = Field(None, description="probability of the expected category/boolean")
+    p_missing: float | None = Field(None, description="a missing value: P(missing) expected")
 
 
 class UnusualValue(BaseModel):
@@ -413,6 +420,7 @@ def results_json(
     results: list[dict[str, Any]] = []
     if scored is not None:
         tops = top_features(scorer.feature_names, scored, explain)
+        latent.explain(scored.expected, tops, parsed.columns)
         unknown = [[] for _ in range(len(scored.score))]  # type: list[list[str]]
         for name, rows in scored.unknown.items():
             for i in rows.nonzero()[0]:

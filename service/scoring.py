@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service import metrics
+from service import latent, metrics
 from service.bundle import Bundle, BundleError, Manifest
 from service.drift import DriftCounter
 from service.features import Encoder, Percentiles
@@ -38,6 +38,9 @@ class Scored:
     unknown: dict[str, npt.NDArray[np.bool_]]  # feature -> rows with an unseen category
     # (feature, kind, rows) of values the model never saw (service/values.py)
     unusual: list[tuple[str, str, npt.NDArray[np.bool_]]] = field(default_factory=list)
+    # what the model expected of each feature (service/latent.py): the batch's, and where
+    # this request's rows start in it; None for a bundle without latent files
+    expected: tuple[latent.Expected, int] | None = None
 
 
 class Scorer:
@@ -57,6 +60,7 @@ class Scorer:
         self.encode = Encoder(self.manifest.features)
         self.percentile = Percentiles(self.manifest)
         self.drift = DriftCounter(self.manifest, drift_features)  # counts once published
+        self.latent = latent.load(self.bundle, threads)  # None: a bundle without one
         self.ready = False
 
     @property
@@ -105,6 +109,7 @@ class Scorer:
             never_normal(scores, found, thr)
             by_type[st] = (scores, scores > thr, thr, self.percentile(st, scores))
         unknown = {k: v for k, v in enc.unknown.items() if v.any()}
+        expected = None if self.latent is None else latent.Expected(self.latent, enc.inputs)
         results = []
         lo = 0
         for cols, score_type in requests:
@@ -124,6 +129,7 @@ class Scorer:
                     unusual=[]
                     if found is None
                     else [(f, k, r[lo:hi]) for f, k, r in found.items if r[lo:hi].any()],
+                    expected=None if expected is None else (expected, lo),
                 )
             )
             lo = hi
@@ -154,6 +160,8 @@ class Scorer:
         check_runs(self.bundle, self.model, timeout=timeout)
         try:
             self.score(warm_up_columns(self.manifest), None, observe=False)
+            if self.latent is not None:
+                self.latent.check(self.encode(warm_up_columns(self.manifest)).inputs)
         except Exception as e:  # onnxruntime's own classes (Fail, ...) are not RuntimeErrors
             path = self.bundle.model_path
             raise BundleError(f"{path}: warm-up failed: {type(e).__name__}: {e}") from e

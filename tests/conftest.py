@@ -510,3 +510,23 @@ def log_entries(server: Server, msg: str) -> list[dict[str, Any]]:
         if isinstance(entry, dict) and entry.get("msg") == msg:
             out.append(entry)
     return out
+
+
+# ---------------------------------------------------------------- a headless browser
+
+
+@contextlib.contextmanager
+def chromium_page(width: int = 1400, height: int = 900) -> Iterator[tuple[Any, list[str]]]:
+    """A page of Debian's headless chromium, driven by Playwright (no browser download), and
+    the URL of every request it makes."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            urls: list[str] = []
+            page.on("request", lambda r: urls.append(r.url))
+            yield page, urls
+        finally:
+            browser.close()

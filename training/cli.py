@@ -242,7 +242,9 @@ def demo_bundle(progress: bool = True, registry: Path | None = None) -> Path:
         return reg.version_path(reg.serving() or "")
     path = home() / "demo" / "payments"
     if reg is None and (path / "manifest.json").exists():
-        return path
+        if '"explorer"' in (path / "manifest.json").read_text(encoding="utf-8"):
+            return path
+        print("the demo model predates the explorer: training it again", file=sys.stderr)
     from training.demo_data import generate_payments  # lazy: pandas (see above)
     from training.train import train_bundle  # lazy: torch (see above)
 
@@ -255,6 +257,7 @@ def demo_bundle(progress: bool = True, registry: Path | None = None) -> Path:
         source="sample-payments",
         data_fingerprint=f"generate_payments(n={DEMO_ROWS}, seed=0)",
         progress=progress,
+        overwrite=reg is None,  # an older demo model, without the explorer's files
     )
     if reg is not None:
         reg.promote(r.manifest.version)
@@ -264,14 +267,22 @@ def demo_bundle(progress: bool = True, registry: Path | None = None) -> Path:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     settings_from_args(a)  # a bad setting stops us before any training
-    path = demo_bundle(progress=not a.quiet, registry=a.registry)
+    if a.digits and a.registry:
+        raise VaeAnomalyError("--digits keeps its model in its own folder; leave out --registry")
+    if a.digits:
+        from training.digits import digits_bundle  # lazy: torch and scikit-learn (see above)
+
+        path = digits_bundle(home(), progress=not a.quiet)
+    else:
+        path = demo_bundle(progress=not a.quiet, registry=a.registry)
     source = {"registry": a.registry} if a.registry else {"bundle": path}
     settings = settings_from_args(a, **source)
     if a.train_only:
         print(f"demo model: {path}")
         return 0
     print(
-        f"serving the demo model {path} on http://{settings.host}:{settings.port} (try /docs)",
+        f"serving the demo model {path} on http://{settings.host}:{settings.port} "
+        "(try /explorer and /docs)",
         file=sys.stderr,
     )
     return serve(settings)
@@ -388,5 +399,11 @@ def register(sub: Subparsers) -> None:
         help="keep the demo model in this registry (trained there if it serves none)",
     )
     d.add_argument("--train-only", action="store_true", help="train if needed, do not serve")
+    d.add_argument(
+        "--digits",
+        action="store_true",
+        help="the 8x8 handwritten digits of scikit-learn instead (a 2-D latent space; see "
+        "/explorer)",
+    )
     add_serve_arguments(d)
     d.set_defaults(func=cmd_demo)

@@ -205,6 +205,8 @@ def finish(
             report[c] = ColumnUse(name=c, type=dropped[c][0], used=False, reason=dropped[c][1])
         elif c == cfg.label_column:
             report[c] = ColumnUse(name=c, type="label", used=False, reason="the label column")
+        elif c == cfg.color_column:
+            report[c] = ColumnUse(name=c, type="label", used=False, reason="colors the map only")
         else:
             report[c] = ColumnUse(
                 name=c, type="-", used=False, reason="excluded (exclude, --exclude)"

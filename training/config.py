@@ -96,6 +96,13 @@ class TrainConfig(BaseModel):
     samples: Count = 16  # L posterior samples (fixed noise) per record in the exported graph
     default_score: Literal["elbo", "recon", "iwae"] = "elbo"
     target_fpr: Fraction = 0.01
+    # the model explorer (training/latent.py): a column kept out of training that only colors
+    # the latent map (a digit's class), and [width, height] when the data's feature columns, in
+    # order, are the pixels of a grayscale image (drawn as one)
+    color_column: str | None = None
+    image: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None, min_length=2, max_length=2
+    )
 
     @model_validator(mode="after")
     def _room_to_train(self) -> TrainConfig:

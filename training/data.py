@@ -148,6 +148,7 @@ class Prepared:
     ignored: list[str]  # columns not used: excluded, the label, ids, dropped
     datetimes: list[DateTimeColumn]  # date-time columns the model derives features from
     report: list[ColumnUse]  # every column of the data: used or not, how, why
+    colors: np.ndarray | None = None  # the color column of the normal rows (explorer map)
 
     @property
     def n_anomalies(self) -> int:
@@ -161,7 +162,8 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
     limits the training and validation rows; the calibration rows stay a uniform sample of all.
     """
     notes: list[str] = []
-    for col in [*cfg.exclude, *([cfg.label_column] if cfg.label_column else [])]:
+    extra = [c for c in (cfg.label_column, cfg.color_column) if c]
+    for col in [*cfg.exclude, *extra]:
         if col not in df.columns:
             raise DataError(
                 f"column {col!r} (excluded or label) is not in the data; "
@@ -183,10 +185,13 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
                 f"found {bad!r} in row {int(np.flatnonzero(~ok.to_numpy())[0])}"
             )
         is_anomaly = lab.astype(str).str.strip().isin(["1", "1.0", "True"]).to_numpy()
-    used = [c for c in df.columns if c not in cfg.exclude and c != cfg.label_column]
+    used = [c for c in df.columns if c not in cfg.exclude and c not in extra]
     if not used:
         raise DataError("no feature columns left after exclusions")
     normal = df.loc[~is_anomaly, used].reset_index(drop=True)
+    colors = (
+        df.loc[~is_anomaly, cfg.color_column].astype(str).to_numpy() if cfg.color_column else None
+    )
     anomalous = df.loc[is_anomaly, used].reset_index(drop=True)
     if len(normal) < MIN_ROWS:
         raise DataError(
@@ -319,4 +324,5 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
         ignored=[c.name for c in report if not c.used],
         datetimes=datetimes,
         report=report,
+        colors=colors,
     )

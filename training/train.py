@@ -51,6 +51,8 @@ from training import calibrate, report
 from training.config import TrainConfig
 from training.data import Feature, Prepared, prepare
 from training.export import OPSET, compare, export_onnx, input_names
+from training.latent import for_bundle as latent_files
+from training.latent import image_of
 from training.model import (
     ATTRIBUTION_FLOOR,
     VAE,
@@ -244,6 +246,7 @@ def train_bundle(
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists (choose another --out, or --overwrite)")
     prep: Prepared = prepare(df, cfg, trainable)
+    image_of(cfg, prep)  # a config's image that does not fit the data stops us before training
     layout = layout_of(prep.features)
     normal = encode_columns(prep.features, prep.columns).inputs
     x_num, x_cat = _tensors(_rows(normal, prep.train_idx))
@@ -309,6 +312,10 @@ def train_bundle(
             thresholds[st] = Threshold(value=value, method=method, f1=f1)
             probs, quants = calibrate.distribution(calib[st])
             distributions[st] = ScoreDistribution(probs=probs, quantiles=quants)
+        st = cfg.default_score
+        explorer, recon = latent_files(
+            tmp, pre, vae, cfg, prep, (calib_inputs, calib[st]), (anomaly_inputs, anom.get(st))
+        )
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             name=name,
@@ -351,9 +358,10 @@ def train_bundle(
                 max_rel_diff=max_rel,
             ),
             reference=build_reference(prep.features, calib_inputs, calib[cfg.default_score]),
+            explorer=explorer,
         )
         (tmp / MANIFEST_FILE).write_text(manifest_json(manifest), encoding="utf-8")
-        report.write(tmp, manifest, hist, calib, anom)
+        report.write(tmp, manifest, hist, calib, anom, (calib_inputs, recon))
         result_manifest.append(manifest)
 
     result_manifest: list[Manifest] = []
