@@ -18,6 +18,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from service import metrics
 from service.scoring import Scored, Scorer
 
 
@@ -85,7 +86,7 @@ class MicroBatcher:
                 continue
             try:
                 results = await run_in_threadpool(
-                    batch[0].scorer.score_many, [(i.columns, i.score_type) for i in batch]
+                    metrics.scored, batch[0].scorer, [(i.columns, i.score_type) for i in batch]
                 )
             except Exception as e:  # e.g. onnxruntime failed: every caller in the batch hears it
                 for i in batch:

@@ -332,3 +332,54 @@ def log_entries(server: Server, msg: str) -> list[dict[str, Any]]:
         if isinstance(entry, dict) and entry.get("msg") == msg:
             out.append(entry)
     return out
+
+
+# ---------------------------------------------------------------- a headless browser, offline
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; never `playwright install`
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """Headless Chromium through Playwright's sync API: ``with chromium() as browser: ...``.
+    (For a page that may only reach 127.0.0.1, use the ``browser_page`` fixture.)"""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class BrowserPage:
+    """A Playwright page whose every request is routed: one to 127.0.0.1 goes through, any
+    other is aborted and its URL listed in ``blocked`` (a test asserts it stays empty)."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.blocked: list[str] = []
+        page.context.route("**/*", self._route)
+
+    def _route(self, route: Any) -> None:
+        from urllib.parse import urlsplit
+
+        if urlsplit(route.request.url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            self.blocked.append(route.request.url)
+            route.abort()
+
+
+@pytest.fixture
+def browser_page() -> Iterator[BrowserPage]:
+    """A fresh headless Chromium page limited to 127.0.0.1 (see :class:`BrowserPage`); tests
+    using it start a browser: mark them slow."""
+    with chromium() as browser:
+        context = browser.new_context()
+        try:
+            yield BrowserPage(context.new_page())
+        finally:
+            context.close()
