@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import __version__, admin, logs, metrics, native, openapi, v2
 from service.auth import Secrets, require_metadata_key
@@ -32,6 +32,18 @@ class ServiceApp(FastAPI):
     reaches an endpoint without going through every middleware (service/middleware.py)."""
 
     request_timeout: float
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        # straight into the stack, as Starlette does: FastAPI's own __call__ first looks for an
+        # OpenTelemetry provider on every request (environment lookups), which costs a tenth of
+        # a single-record request, and the service configures none
+        scope["app"] = self
+        if self.middleware_stack is None:
+            self.middleware_stack = self.build_middleware_stack()
+        await self.middleware_stack(scope, receive, send)
 
     def build_middleware_stack(self) -> ASGIApp:
         # FastAPI's stack without the added middleware, which goes above FastRoutes instead

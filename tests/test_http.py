@@ -4,6 +4,7 @@ offline (service/openapi.py) and the metrics the service counts around the score
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from collections.abc import Iterator
@@ -28,9 +29,17 @@ with warnings.catch_warnings():  # starlette would rather have httpx2; httpx is 
     from starlette.testclient import TestClient
 
 
-def started(app: Any) -> Any:
-    """A client driving ``app`` in process, its lifespan run (the model loaded)."""
-    return TestClient(app, base_url="http://127.0.0.1")
+@contextlib.contextmanager
+def started(app: Any) -> Iterator[Any]:
+    """A client driving ``app`` in process, its lifespan run (the model loaded). On exit the
+    model's drift series leave this process's registry, as they would with the process: other
+    tests count the same model's."""
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        try:
+            yield c
+        finally:
+            if app.state.models.scorer is not None:
+                app.state.models.scorer.drift.retire()
 
 
 @pytest.fixture(scope="module")
