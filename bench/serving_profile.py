@@ -36,7 +36,8 @@ from naive_service import trivial_app  # type: ignore[import-not-found]  # besid
 
 from service.app import create_app
 from service.features import encode_columns
-from service.native import records_to_columns, results_json
+from service.native import results_json
+from service.records import records_to_columns
 from service.runtime import OnnxModel
 from service.scoring import Scorer
 from service.settings import Settings
@@ -89,13 +90,13 @@ def main() -> int:
     )
     for n in (1, 64, 1000):
         body = {"records": [{**r} for r in recs[:n]]}
-        parsed = records_to_columns(body, scorer.manifest, settings)
+        parsed = records_to_columns(body, scorer.records, settings)
         cols = parsed.columns
-        scored = scorer.score(cols, None, observe=False)
+        scored = scorer.score(cols, None)
         res = results_json(scorer, parsed, scored, 3)
         rep = 300 if n <= 64 else 30
-        v = median_ms(lambda b=body: records_to_columns(b, scorer.manifest, settings), rep)
-        s = median_ms(lambda c=cols: scorer.score(c, None, observe=False), rep)
+        v = median_ms(lambda b=body: records_to_columns(b, scorer.records, settings), rep)
+        s = median_ms(lambda c=cols: scorer.score(c, None), rep)
         r = median_ms(lambda sc=scored, p=parsed: results_json(scorer, p, sc, 3), rep)
         oj = median_ms(lambda x=res: orjson.dumps(x), rep)
         js = median_ms(lambda x=res: json.dumps(x), rep)

@@ -163,7 +163,7 @@ class Model:
         counts: dict[str, int] = {}
         if ok.any():
             valid = {k: v[ok] for k, v in columns.items()}
-            scored = self.scorer.score(valid, score_type, observe=False)
+            scored = self.scorer.score(valid, score_type)
             rows = np.flatnonzero(ok).tolist()
             score[ok], pct[ok] = scored.score, np.round(scored.percentile, 3)
             flagged[ok] = scored.is_anomaly
@@ -194,12 +194,13 @@ class Model:
         """The HTTP API's results for JSON-like records, validated as ``POST /v1/score``
         validates them (raises :class:`service.errors.InvalidRecords`)."""
         # lazy: the HTTP layer (FastAPI, prometheus-client) only for this method
-        from service.native import records_to_columns, results_json
+        from service.native import results_json
+        from service.records import records_to_columns
 
         s = settings or load_settings(max_records=max(1, len(records)))
         st = score_type_of(self.manifest, score_type)
-        parsed = records_to_columns({"records": records}, self.manifest, s)
-        scored = self.scorer.score(parsed.columns, st, observe=False)
+        parsed = records_to_columns({"records": records}, self.scorer.records, s)
+        scored = self.scorer.score(parsed.columns, st)
         results: list[dict[str, Any]] = results_json(self.scorer, parsed, scored, explain, st)[
             "results"
         ]

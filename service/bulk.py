@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from service.api import OUTPUTS, Model
+from service.api import OUTPUTS, Model, score_type_of
 from service.bundle import Bundle, Manifest, client_fields
 from service.cpus import usable_cpus
 from service.errors import VaeAnomalyError
@@ -247,9 +247,10 @@ def score_file(
     """Score every record of ``data`` (a file, a folder or a glob: :func:`input_files`) into
     ``out``; see the module's docstring. ``explain``: a ``top_features`` column of that many."""
     m = bundle.manifest
-    st = score_type or m.default_score
-    if st not in m.score_types:
-        raise BatchError(f"score type {st!r} is not one of {m.score_types}")
+    try:
+        st = score_type_of(m, score_type)
+    except ValueError as e:
+        raise BatchError(str(e)) from None
     files = input_files(data)
     if any(out.resolve() == f.resolve() for f in files):
         raise BatchError("--out must not be an input file")

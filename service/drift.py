@@ -242,8 +242,7 @@ class DriftCounter:
         a counter's first increment is only seen by Prometheus if the series existed)."""
         self.children = []
         for counter, gauge, labels, share in self._series():
-            # the child's value: what .inc() adds to after its checks (amounts here are > 0)
-            self.children.append(counter.labels(*labels)._value)
+            self.children.append(counter.labels(*labels))
             if gauge is not None:
                 gauge.labels(*labels).set(share)
 

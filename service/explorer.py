@@ -17,7 +17,7 @@ from service.bundle import NumericFeature
 from service.errors import ERROR_RESPONSES, Conflict, ErrorBody, InvalidRecords, NotFound
 from service.http import JSON, ScorerDep, SettingsDep, offload, parse_body, read_body
 from service.latent import Latent
-from service.native import records_to_columns
+from service.records import records_to_columns
 from service.scoring import Scorer
 
 router = APIRouter(tags=["explorer"])
@@ -96,7 +96,7 @@ async def encode(request: Request, scorer: ScorerDep, settings: SettingsDep) -> 
     mean and standard deviation, and where the mean lies on the map."""
     lat = latent_of(scorer)
     body = await read_body(request, settings.max_body_bytes)
-    parsed = await parse_body(request, body, records_to_columns, scorer.manifest, settings)
+    parsed = await parse_body(request, body, records_to_columns, scorer.records, settings)
     results = await offload(parsed.n, encoded, scorer, lat, parsed.columns)
     return JSON({"model": _model(scorer), "results": results})
 

@@ -23,9 +23,9 @@ from grpc import aio
 from starlette.datastructures import State
 
 from service import __version__, logs, metrics, v2, v2_binary
-from service.app import new_request_id
 from service.auth import check_key
 from service.errors import BadRequest, NotReady, ServiceError
+from service.middleware import new_request_id
 from service.proto import predict_v2_pb2 as pb
 from service.scoring import Scorer
 from service.settings import Settings

@@ -1,8 +1,10 @@
-"""What both protocol adapters share: dependencies, body reading, the JSON response class."""
+"""What both protocol adapters share: dependencies, body reading, the JSON response class, error
+responses."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -13,11 +15,14 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
+from service import metrics
 from service.errors import (
     ClientClosed,
     InvalidJSON,
+    InvalidRecords,
     NotReady,
     PayloadTooLarge,
+    ServiceError,
     UnsupportedMediaType,
 )
 from service.microbatch import MicroBatcher
@@ -27,6 +32,7 @@ from service.settings import Settings
 from service.sink import RecordSink
 
 T = TypeVar("T")
+log = logging.getLogger("vae_anomaly")
 
 
 class JSON(JSONResponse):
@@ -35,6 +41,27 @@ class JSON(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def error_body(request: Request, message: str, errors: list[dict[str, Any]]) -> dict[str, Any]:
+    if request.url.path.startswith("/v2"):  # the protocol's error object, exactly
+        detail = "; ".join(f"{e.get('field')}: {e.get('message')}" for e in errors[:5])
+        return {"error": f"{message}: {detail}" if detail else message}
+    return {"error": message, "errors": errors}
+
+
+def error_response(request: Request, exc: ServiceError) -> JSON:
+    exc.forget()  # nothing of the request (a parsed body, a frame) outlives the answer
+    if not isinstance(exc, InvalidRecords) and exc.status_code in (400, 413, 415):
+        metrics.INVALID_RECORDS.labels(exc.reason).inc()
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+    body = error_body(request, exc.message, exc.errors)
+    return JSON(body, status_code=exc.status_code, headers=headers)
+
+
+def unexpected_error(request: Request, exc: Exception) -> JSON:
+    log.error("unexpected error", exc_info=exc)
+    return JSON(error_body(request, "internal error", []), status_code=500)
 
 
 # dependencies are async: FastAPI would run plain functions in a worker thread (a hop each)
@@ -81,7 +108,7 @@ async def score_in(
     if batcher is not None and n < batcher.max_batch:
         scored = await batcher.score(scorer, columns, n, score_type)
     else:
-        scored = await run_in_threadpool(scorer.score, columns, score_type)
+        scored = (await run_in_threadpool(metrics.scored, scorer, [(columns, score_type)]))[0]
     if state.sink is not None:
         await offload(n, sink_records, state, scorer, columns, scored, records)
     return scored

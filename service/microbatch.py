@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from service import metrics
 from service.scoring import Scored, Scorer
 
 
@@ -90,7 +91,8 @@ class MicroBatcher:
             try:
                 results = await asyncio.get_running_loop().run_in_executor(
                     self.executor,
-                    batch[0].scorer.score_many,
+                    metrics.scored,
+                    batch[0].scorer,
                     [(i.columns, i.score_type) for i in batch],
                 )
             except Exception as e:  # e.g. onnxruntime failed: every caller in the batch hears it

@@ -1,7 +1,9 @@
-"""Scoring: columns of validated values in, scores and verdicts out. Knows nothing of HTTP.
+"""Scoring: columns of validated values in, scores and verdicts out. Knows nothing of HTTP nor
+of Prometheus: the service counts each :class:`Batch` (``metrics.scored``); only the model's
+own drift counters (service/drift.py) count what it scores, once the service publishes them.
 
 Both protocol adapters (``/v1`` and ``/v2``) turn their requests into columns and call
-:meth:`Scorer.score`.
+:meth:`Scorer.score`, or :meth:`Scorer.score_many` through the micro-batcher.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service import latent, metrics
+from service import latent
 from service.bundle import Bundle, BundleError, Manifest
 from service.drift import DriftCounter
 from service.features import Encoder, Percentiles
+from service.records import RecordPlan
 from service.runtime import check_runs, open_bundle, warm_up_columns
 from service.values import never_normal
 
@@ -43,8 +46,23 @@ class Scored:
     expected: tuple[latent.Expected, int] | None = None
 
 
+@dataclass
+class Batch:
+    """One onnxruntime call: each request's results, and what the service counts of it."""
+
+    results: list[Scored]
+    rows: int
+    seconds: float  # onnxruntime's time
+    anomalies: int
+    default_scores: npt.NDArray[np.float64]  # every row's score of the model's default type
+    unknown: dict[str, npt.NDArray[np.bool_]]  # feature -> rows with an unseen category
+    unusual: list[tuple[str, str, npt.NDArray[np.bool_]]]  # (feature, kind, rows)
+
+
 class Scorer:
-    """One bundle and its onnxruntime session (one per worker process)."""
+    """One bundle and its onnxruntime session (one per worker process), and what is derived
+    from the bundle once: the input encoder, the percentile table, the record validation plan,
+    the drift counters."""
 
     def __init__(
         self,
@@ -56,10 +74,11 @@ class Scorer:
         self.bundle, self.model = open_bundle(bundle, intra_op_threads=threads)
         self.manifest: Manifest = self.bundle.manifest
         self.feature_names = [f.name for f in self.manifest.features]
-        self.score_histogram = metrics.score_histogram(self.manifest)
+        self.records = RecordPlan(self.manifest)
         self.encode = Encoder(self.manifest.features)
         self.percentile = Percentiles(self.manifest)
-        self.drift = DriftCounter(self.manifest, drift_features)  # counts once published
+        # counts (the model's own drift series) once the service publishes it
+        self.drift = DriftCounter(self.manifest, drift_features)
         self.latent = latent.load(self.bundle, threads)  # None: a bundle without one
         self.ready = False
 
@@ -68,22 +87,14 @@ class Scorer:
         return self.manifest.version
 
     def score(
-        self,
-        columns: Mapping[str, Sequence[Any] | np.ndarray],
-        score_type: str | None,
-        *,
-        observe: bool = True,
+        self, columns: Mapping[str, Sequence[Any] | np.ndarray], score_type: str | None
     ) -> Scored:
-        """Score records given as feature name -> values (None = missing); count them in the
-        metrics unless ``observe`` is False."""
-        return self.score_many([(columns, score_type)], observe=observe)[0]
+        """Score records given as feature name -> values (None = missing)."""
+        return self.score_many([(columns, score_type)]).results[0]
 
     def score_many(
-        self,
-        requests: Sequence[tuple[Mapping[str, Sequence[Any] | np.ndarray], str | None]],
-        *,
-        observe: bool = True,
-    ) -> list[Scored]:
+        self, requests: Sequence[tuple[Mapping[str, Sequence[Any] | np.ndarray], str | None]]
+    ) -> Batch:
         """Score several requests' records in one onnxruntime call (micro-batching)."""
         m = self.manifest
         if len(requests) == 1:
@@ -110,62 +121,73 @@ class Scorer:
             by_type[st] = (scores, scores > thr, thr, self.percentile(st, scores))
         unknown = {k: v for k, v in enc.unknown.items() if v.any()}
         expected = None if self.latent is None else latent.Expected(self.latent, enc.inputs)
+        unusual = [] if found is None else found.items
         results = []
         lo = 0
         for cols, score_type in requests:
             hi = lo + len(cols[m.features[0].name])
             st = score_type or m.default_score
-            scores, is_anomaly, thr, percentile = by_type[st]
             results.append(
-                Scored(
-                    score_type=st,
-                    score=scores[lo:hi],
-                    is_anomaly=is_anomaly[lo:hi],
-                    threshold=thr,
-                    percentile=percentile[lo:hi],
-                    order=order[lo:hi],
-                    shares=shares[lo:hi],
-                    unknown={k: v[lo:hi] for k, v in unknown.items() if v[lo:hi].any()},
-                    unusual=[]
-                    if found is None
-                    else [(f, k, r[lo:hi]) for f, k, r in found.items if r[lo:hi].any()],
-                    expected=None if expected is None else (expected, lo),
-                )
+                _rows(st, by_type[st], order, shares, unknown, unusual, lo, hi, expected)
             )
             lo = hi
-        if observe:
-            metrics.INFERENCE_SECONDS.observe(elapsed)
-            metrics.BATCH_SIZE.observe(enc.n_rows)
-            metrics.RECORDS_SCORED.inc(enc.n_rows)
-            if len(by_type) == 1:
-                anomalies = int(next(iter(by_type.values()))[1].sum())
-            else:
-                anomalies = int(sum(r.is_anomaly.sum() for r in results))
-            metrics.ANOMALIES.inc(anomalies)
-            default = by_type.get(m.default_score)
-            metrics.observe_many(
-                self.score_histogram,
-                default[0] if default else out[m.default_score].astype(np.float64),
-            )
-            for name, rows in unknown.items():
-                metrics.UNKNOWN_CATEGORY.labels(name).inc(int(rows.sum()))
-            self.drift.observe(enc.inputs, out[m.default_score])
-            for name, kind, rows in found.items if found is not None else ():
-                metrics.UNUSUAL_VALUES.labels(name, kind).inc(int(rows.sum()))
-        return results
+        self.drift.observe(enc.inputs, out[m.default_score])
+        default = by_type.get(m.default_score)
+        if len(by_type) == 1:
+            anomalies = int(next(iter(by_type.values()))[1].sum())
+        else:
+            anomalies = int(sum(r.is_anomaly.sum() for r in results))
+        return Batch(
+            results=results,
+            rows=enc.n_rows,
+            seconds=elapsed,
+            anomalies=anomalies,
+            default_scores=default[0] if default else out[m.default_score].astype(np.float64),
+            unknown=unknown,
+            unusual=unusual,
+        )
 
     def warm_up(self, timeout: float | None = None) -> None:
         """Check the model runs as the contract says (:func:`check_runs`), then score the
         warm-up records as a request would. Any failure is a BundleError: the model is refused."""
         check_runs(self.bundle, self.model, timeout=timeout)
         try:
-            self.score(warm_up_columns(self.manifest), None, observe=False)
+            self.score(warm_up_columns(self.manifest), None)
             if self.latent is not None:
                 self.latent.check(self.encode(warm_up_columns(self.manifest)).inputs)
         except Exception as e:  # onnxruntime's own classes (Fail, ...) are not RuntimeErrors
             path = self.bundle.model_path
             raise BundleError(f"{path}: warm-up failed: {type(e).__name__}: {e}") from e
         self.ready = True
+
+
+def _rows(
+    st: str,
+    typed: tuple[Any, Any, float, Any],
+    order: npt.NDArray[np.intp],
+    shares: npt.NDArray[np.float32],
+    unknown: dict[str, npt.NDArray[np.bool_]],
+    unusual: list[tuple[str, str, npt.NDArray[np.bool_]]],
+    lo: int,
+    hi: int,
+    expected: latent.Expected | None,
+) -> Scored:
+    """Rows ``lo:hi`` of a batch: one request's results (``typed``: the batch's scores,
+    verdicts, threshold and percentiles of score type ``st``; ``expected``: what the model
+    expected of the batch's records, None without latent files)."""
+    scores, is_anomaly, thr, percentile = typed
+    return Scored(
+        score_type=st,
+        score=scores[lo:hi],
+        is_anomaly=is_anomaly[lo:hi],
+        threshold=thr,
+        percentile=percentile[lo:hi],
+        order=order[lo:hi],
+        shares=shares[lo:hi],
+        unknown={k: v[lo:hi] for k, v in unknown.items() if v[lo:hi].any()},
+        unusual=[(f, k, r[lo:hi]) for f, k, r in unusual if r[lo:hi].any()],
+        expected=None if expected is None else (expected, lo),
+    )
 
 
 def top_features(names: list[str], scored: Scored, k: int) -> list[list[dict[str, Any]]]:

@@ -264,8 +264,8 @@ class InProcess:
     uvicorn (the model loaded and warmed up, the micro-batcher and the body-parser helper
     started) on an event loop in a thread of its own, so tests call it synchronously."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
+    def __init__(self, app: Any) -> None:
+        self.app = app
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.lifespan = self.app.router.lifespan_context(self.app)
@@ -285,6 +285,8 @@ class InProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.app.state.models.scorer is not None:  # its drift series leave with the app, as
+            self.app.state.models.scorer.drift.retire()  # with a process: others count them too
         self._run(self.client.aclose())
         self._run(self.lifespan.__aexit__(None, None, None))
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -317,7 +319,7 @@ GC_THRESHOLD = gc.get_threshold()
 
 def in_process(bundle: Path, **settings: Any) -> InProcess:
     """The app serving ``bundle`` with these settings (``with in_process(...) as client``)."""
-    return InProcess(Settings(bundle=bundle, **settings))
+    return InProcess(create_app(Settings(bundle=bundle, **settings)))
 
 
 # ---------------------------------------------------------------- a real Prometheus server
@@ -512,21 +514,63 @@ def log_entries(server: Server, msg: str) -> list[dict[str, Any]]:
     return out
 
 
-# ---------------------------------------------------------------- a headless browser
+# ---------------------------------------------------------------- a headless browser, offline
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; never `playwright install`
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """Headless Chromium through Playwright's sync API: ``with chromium() as browser: ...``.
+    (For a page that may only reach 127.0.0.1, use the ``browser_page`` fixture.)"""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class BrowserPage:
+    """A Playwright page whose every request is routed: one to 127.0.0.1 goes through, any
+    other is aborted and its URL listed in ``blocked`` (a test asserts it stays empty)."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.blocked: list[str] = []
+        page.context.route("**/*", self._route)
+
+    def _route(self, route: Any) -> None:
+        from urllib.parse import urlsplit
+
+        if urlsplit(route.request.url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            self.blocked.append(route.request.url)
+            route.abort()
+
+
+@pytest.fixture
+def browser_page() -> Iterator[BrowserPage]:
+    """A fresh headless Chromium page limited to 127.0.0.1 (see :class:`BrowserPage`); tests
+    using it start a browser: mark them slow."""
+    with chromium() as browser:
+        context = browser.new_context()
+        try:
+            yield BrowserPage(context.new_page())
+        finally:
+            context.close()
 
 
 @contextlib.contextmanager
 def chromium_page(width: int = 1400, height: int = 900) -> Iterator[tuple[Any, list[str]]]:
-    """A page of Debian's headless chromium, driven by Playwright (no browser download), and
-    the URL of every request it makes."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": width, "height": height})
-            urls: list[str] = []
-            page.on("request", lambda r: urls.append(r.url))
-            yield page, urls
-        finally:
-            browser.close()
+    """A page of headless Chromium and the URL of every request it makes (a test asserts they
+    all stay on 127.0.0.1)."""
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": width, "height": height})
+        urls: list[str] = []
+        page.on("request", lambda r: urls.append(r.url))
+        yield page, urls

@@ -499,11 +499,11 @@ def test_the_parser_process_reports_errors_counts_and_survives_a_kill(bundle_dir
 
     from service.errors import InvalidRecords, Timeout
     from service.http import parsed_with
-    from service.native import records_to_columns
     from service.parser_process import ParserProcess
+    from service.records import RecordPlan, records_to_columns
     from service.settings import Settings
 
-    m = read_bundle(bundle_dir).manifest
+    m = RecordPlan(read_bundle(bundle_dir).manifest)
     settings = Settings()
     bad = json.dumps({"records": [{"nope": 1}] * 3}).encode()
     good = json.dumps({"records": [_rec()] * 2}).encode()
