@@ -90,6 +90,10 @@ class TrainConfig:
     samples: int = 16  # L posterior samples (fixed noise) per record in the exported graph
     default_score: Literal["elbo", "recon", "iwae"] = "elbo"
     target_fpr: float = 0.01
+    # neighbour term (training/neighbours.py): its weight in the scores (0 = none) and how many
+    # training records the graph keeps to measure distances to
+    neighbour_weight: float = 2.0
+    neighbour_bank: int = 2048
 
     def validate(self) -> None:
         def bad(what: str) -> ValueError:
@@ -110,6 +114,8 @@ class TrainConfig:
         ):
             if v < 1:
                 raise bad(f"{name} must be >= 1, got {v}")
+        if self.neighbour_weight < 0 or self.neighbour_bank < 1:
+            raise bad("neighbour_weight must be >= 0 and neighbour_bank >= 1")
         if self.threads is not None and self.threads < 1:
             raise bad(f"threads must be >= 1, got {self.threads}")
         if self.latent is not None and self.latent < 1:
