@@ -210,7 +210,7 @@ def build_graph(
     return graph, hist
 
 
-CROSS_FOLDS = 5
+CROSS_FOLDS = 5  # each fold model trains on 72% of the records, the exported one on 70%
 
 
 def out_of_fold_scores(
