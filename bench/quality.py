@@ -202,7 +202,20 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="training config overrides (JSON values), e.g. latent=8 epochs=100",
     )
+    p.add_argument("--save-json", type=Path, help="also write the per-dataset means here")
+    p.add_argument(
+        "--render",
+        type=Path,
+        nargs="+",
+        help="no training: write the tables from --save-json files of runs split over processes",
+    )
     a = p.parse_args()
+    if a.render:
+        saved = [json.loads(f.read_text()) for f in a.render]
+        dev = [tuple(r) for s in saved for r in s["dev"]]
+        extra = [tuple(r) for s in saved for r in s["extra"]]
+        command = "; ".join(s["command"] for s in saved) + " (in parallel, then --render)"
+        return report(a, sorted(dev), sorted(extra), command)  # type: ignore[arg-type]
     cfg_extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     todo = [c for c in cases(a.data) if not a.only or c[0] in a.only]
     if not todo:
@@ -224,6 +237,21 @@ def main() -> int:
                 + f"  fit {mean['fit_s']:.1f}s",
                 flush=True,
             )
+    command = f"python bench/quality.py --seeds {a.seeds}"
+    command += (f" --only {' '.join(a.only)}" if a.only else "") + (
+        f" --set {' '.join(a.set)}" if a.set else ""
+    )
+    if a.save_json:
+        a.save_json.write_text(json.dumps({"command": command, "dev": dev, "extra": extra}))
+    return report(a, dev, extra, command)
+
+
+def report(
+    a: argparse.Namespace,
+    dev: list[tuple[str, dict[str, float]]],
+    extra: list[tuple[str, dict[str, float]]],
+    command: str,
+) -> int:
     tables = "Mean over seeds. `*_fpr` = false-positive rate observed on the test normals at the "
     tables += "threshold calibrated for a 1% target; peers: PyOD ROC-AUC, same protocol.\n\n"
     if dev:
@@ -231,10 +259,6 @@ def main() -> int:
     if extra:
         tables += "Calibration cases (not in the mean above):\n\n" + case_table(extra) + "\n"
     print("\n" + tables)
-    command = f"python bench/quality.py --seeds {a.seeds}"
-    command += (f" --only {' '.join(a.only)}" if a.only else "") + (
-        f" --set {' '.join(a.set)}" if a.set else ""
-    )
     write_results(a.out, command, tables)
     print(f"\nwritten to {a.out}")
     return 0
