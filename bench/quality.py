@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -193,6 +194,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed ... + seeds - 1")
     p.add_argument("--only", nargs="+", help="dataset names (e.g. 6_cardio digits_576)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "quality.md")
     p.add_argument(
@@ -212,10 +214,9 @@ def main() -> int:
     a = p.parse_args()
     if a.render:
         saved = [json.loads(f.read_text()) for f in a.render]
-        dev = [tuple(r) for s in saved for r in s["dev"]]
-        extra = [tuple(r) for s in saved for r in s["extra"]]
+        dev, extra = (_pooled([r for s in saved for r in s[part]]) for part in ("dev", "extra"))
         command = "; ".join(s["command"] for s in saved) + " (in parallel, then --render)"
-        return report(a, sorted(dev), sorted(extra), command)  # type: ignore[arg-type]
+        return report(a, dev, extra, command)
     cfg_extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     todo = [c for c in cases(a.data) if not a.only or c[0] in a.only]
     if not todo:
@@ -225,7 +226,8 @@ def main() -> int:
     extra: list[tuple[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, X, y, cap in todo:
-            runs = [run_one(X, y, s, cfg_extra, Path(tmp), cap) for s in range(a.seeds)]
+            seeds = range(a.first_seed, a.first_seed + a.seeds)
+            runs = [run_one(X, y, s, cfg_extra, Path(tmp), cap) for s in seeds]
             mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
             (extra if cap or name == "digits_576" else dev).append((name, mean))
             print(
@@ -238,12 +240,23 @@ def main() -> int:
                 flush=True,
             )
     command = f"python bench/quality.py --seeds {a.seeds}"
+    command += f" --first-seed {a.first_seed}" if a.first_seed else ""
     command += (f" --only {' '.join(a.only)}" if a.only else "") + (
         f" --set {' '.join(a.set)}" if a.set else ""
     )
     if a.save_json:
         a.save_json.write_text(json.dumps({"command": command, "dev": dev, "extra": extra}))
     return report(a, dev, extra, command)
+
+
+def _pooled(rows: list[list[Any]]) -> list[tuple[str, dict[str, float]]]:
+    """Means of the runs saved for the same dataset (e.g. one seed per process), by name."""
+    names = sorted({r[0] for r in rows})
+    out = []
+    for n in names:
+        ms = [r[1] for r in rows if r[0] == n]
+        out.append((n, {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}))
+    return out
 
 
 def report(
