@@ -164,6 +164,9 @@ class Threshold(_Strict):
     value: float = Field(description="threshold for the target false-positive rate")
     method: str = Field(description="how value was estimated from the calibration scores")
     f1: float | None = Field(None, description="F1-best threshold, when labels were given")
+    fpr_interval: tuple[float, float] | None = Field(
+        None, description="90% interval of the false-positive rate at value (absent: older bundle)"
+    )
 
 
 class ScoreDistribution(_Strict):

@@ -478,9 +478,9 @@ def _infer_doc(with_version: bool) -> dict[str, Any]:
     **_infer_doc(True),
 )
 async def infer(request: Request) -> Response:
-    """Inference, JSON or binary tensors (REST). ``FastRoutes`` (service/middleware.py) calls this
-    directly (the hot path: no routing or dependency injection), so it takes only the request, its path
-    parameters in ``request.path_params``, and does its own checks."""
+    """Inference, JSON or binary tensors (REST). ``FastRoutes`` (service/middleware.py) calls
+    this directly (the hot path: no routing or dependency injection), so it takes only the
+    request, its path parameters in ``request.path_params``, and does its own checks."""
     check_api_key(request)
     scorer = current_scorer(request)
     path = request.path_params

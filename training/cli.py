@@ -74,6 +74,12 @@ def summary(r: Result) -> str:
         + ", ".join(f"{s}={m.thresholds[s].value:.4f}" for s in m.score_types)
         + f" (default score: {m.default_score})",
     ]
+    interval = m.thresholds[m.default_score].fpr_interval
+    if interval:
+        lines.append(
+            f"false-positive rate at the {m.default_score} threshold: {interval[0]:.2%} to "
+            f"{interval[1]:.2%} (90% interval, from {m.metrics['calibration_scores']} scores)"
+        )
     if m.data.anomaly_rows:
         lines.append(
             "on labelled anomalies vs calibration normals: "

@@ -103,6 +103,10 @@ class TrainConfig(BaseModel):
     image: list[Annotated[int, Field(ge=1)]] | None = Field(
         default=None, min_length=2, max_length=2
     )
+    # neighbour term (training/neighbours.py): its weight in the scores (0 = none) and how many
+    # training records the graph keeps to measure distances to
+    neighbour_weight: Annotated[float, Field(ge=0)] = 2.0
+    neighbour_bank: Count = 2048
 
     @model_validator(mode="after")
     def _room_to_train(self) -> TrainConfig:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.neighbours import NeighbourTerm
+
 LOG_2PI = math.log(2 * math.pi)
 CLAMP = 1e4  # scaled numerics are clamped here so squares stay finite in float32
 # The encoder sees scaled numerics clamped much closer: a wild value (10,000 where training saw
@@ -200,16 +202,25 @@ class ScoringGraph(nn.Module):
     scores. Returns ``elbo`` (negative ELBO), ``recon`` (negative reconstruction log-likelihood
     averaged over the L samples), ``iwae`` (importance-weighted estimate of -log p(x)), and
     ``attribution``: each feature's share of the NLL in excess of its median on normal data.
+    With ``neighbours``, each score also gets its neighbour term (training/neighbours.py).
     """
 
     eps: Tensor
     baseline: Tensor
     floor: Tensor
 
-    def __init__(self, pre: Preprocess, vae: VAE, eps: Tensor, baseline: Tensor) -> None:
+    def __init__(
+        self,
+        pre: Preprocess,
+        vae: VAE,
+        eps: Tensor,
+        baseline: Tensor,
+        neighbours: NeighbourTerm | None = None,
+    ) -> None:
         super().__init__()
         self.pre = pre
         self.vae = vae
+        self.neighbours = neighbours
         self.register_buffer("eps", eps)
         self.register_buffer("baseline", baseline)
         # attribution divides by at least this much excess, so the features of a record that is
@@ -220,8 +231,9 @@ class ScoringGraph(nn.Module):
 
     def per_sample_nll(
         self, x_num: Tensor | None, x_cat: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Feature NLL per sample ``[N, L, F]``, with mu, logvar and z ``[N, L, d]``."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Feature NLL per sample ``[N, L, F]``, with mu, logvar, z ``[N, L, d]`` and the
+        encoder's input."""
         enc_in, s, miss = self.pre(x_num, x_cat)
         mu, lv = self.vae.encode(enc_in)
         n, (n_samples, d) = mu.shape[0], self.eps.shape
@@ -235,13 +247,23 @@ class ScoringGraph(nn.Module):
         if x_num is not None:
             s, miss = rep(s), rep(miss)
         nll = self.vae.feature_nll(out, s, miss, xc).reshape(n, n_samples, -1)
-        return nll, mu, lv, z
+        return nll, mu, lv, z, enc_in
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         it = iter(inputs)
         x_num = next(it) if self.has_num else None
         x_cat = next(it) if self.has_cat else None
-        nll, mu, lv, z = self.per_sample_nll(x_num, x_cat)
+        elbo, recon, iwae, attribution, enc_in, mu = self.model_scores(x_num, x_cat)
+        if self.neighbours is None:
+            return elbo, recon, iwae, attribution
+        term = self.neighbours(enc_in, mu)
+        return elbo + term[:, 0], recon + term[:, 1], iwae + term[:, 2], attribution
+
+    def model_scores(
+        self, x_num: Tensor | None, x_cat: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The VAE's own scores and attribution, with the encoder input and posterior mean."""
+        nll, mu, lv, z, enc_in = self.per_sample_nll(x_num, x_cat)
         rec = nll.sum(-1)  # [N, L]
         recon = rec.mean(1)
         elbo = recon + kl_normal(mu, lv)
@@ -251,4 +273,4 @@ class ScoringGraph(nn.Module):
         iwae = -(torch.logsumexp(log_w, dim=1) - math.log(self.eps.shape[0]))
         excess = F.relu(nll.mean(1) - self.baseline)
         attribution = excess / torch.maximum(excess.sum(1, keepdim=True), self.floor)
-        return elbo, recon, iwae, attribution
+        return elbo, recon, iwae, attribution, enc_in, mu

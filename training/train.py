@@ -8,6 +8,7 @@ write the bundle atomically.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import platform
 import time
@@ -47,7 +48,7 @@ from service.drift import build_reference
 from service.features import encode_columns
 from service.registry import new_version
 from service.runtime import OnnxModel
-from training import calibrate, report
+from training import calibrate, neighbours, report
 from training.config import TrainConfig
 from training.data import Feature, Prepared, prepare
 from training.export import OPSET, compare, export_onnx, input_names
@@ -201,6 +202,66 @@ def fit(
     return pre, vae, hist
 
 
+def build_graph(
+    layout: Layout,
+    normal: dict[str, np.ndarray],
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    cfg: TrainConfig,
+    progress: bool = False,
+    init_weights: dict[str, torch.Tensor] | None = None,
+) -> tuple[ScoringGraph, History]:
+    """Fit on the ``train_idx`` records and assemble the whole scoring graph."""
+    val = _tensors(_rows(normal, val_idx))
+    train = _tensors(_rows(normal, train_idx))
+    pre, vae, hist = fit(layout, *train, val, cfg, progress, init_weights)
+    _, latent = model_sizes(layout, cfg)
+    noise = torch.Generator().manual_seed(cfg.seed + GRAPH_NOISE_SEED)
+    eps = torch.randn(cfg.samples, latent, generator=noise)
+    graph = ScoringGraph(pre, vae, eps, torch.zeros(layout.n_features))
+    # attribution: each feature's NLL in excess of its median on (a sample of) the training
+    # rows, divided by at least the total excess of ATTRIBUTION_QUANTILE of those rows
+    with torch.no_grad():
+        sample = _rows(normal, train_idx[:EVAL_BATCH])
+        nll, *_ = graph.per_sample_nll(*_tensors(sample))
+        feature_nll = nll.mean(1)
+        graph.baseline.copy_(feature_nll.median(0).values)
+        total = torch.relu(feature_nll - graph.baseline).sum(1)
+        typical = torch.quantile(total, ATTRIBUTION_QUANTILE)
+        graph.floor.copy_(torch.clamp(typical, min=ATTRIBUTION_FLOOR))
+    if cfg.neighbour_weight > 0:
+        bank = _tensors(_rows(normal, train_idx[: cfg.neighbour_bank]))
+        val = _tensors(_rows(normal, val_idx[:EVAL_BATCH]))
+        neighbours.attach(graph, bank, val, cfg.neighbour_weight)
+    graph.eval()
+    return graph, hist
+
+
+CROSS_FOLDS = 5  # each fold model trains on 72% of the records, the exported one on 70%
+
+
+def out_of_fold_scores(
+    layout: Layout, normal: dict[str, np.ndarray], prep: Prepared, cfg: TrainConfig
+) -> dict[str, np.ndarray]:
+    """Every score of every normal record, each from a model fitted (like the exported one)
+    on the other folds only: calibration scores for all the normal records instead of a slice."""
+    trainable = np.concatenate([prep.train_idx, prep.val_idx])
+    everyone = np.concatenate([trainable, prep.calib_idx])
+    folds = np.array_split(np.random.default_rng(cfg.seed + 3).permutation(everyone), CROSS_FOLDS)
+    parts: list[list[np.ndarray]] = [[] for _ in SCORE_TYPES]
+    for k, held in enumerate(folds):
+        rest = np.setdiff1d(trainable, held)
+        rest = np.random.default_rng(cfg.seed + 4 + k).permutation(rest)
+        n_val = max(1, round(len(rest) * cfg.validation_fraction))
+        fold_cfg = dataclasses.replace(cfg, seed=cfg.seed + 10 + k)
+        graph, _ = build_graph(layout, normal, rest[n_val:], rest[:n_val], fold_cfg)
+        with torch.no_grad():
+            out = graph(*(t for t in _tensors(_rows(normal, held)) if t is not None))
+        for i in range(len(SCORE_TYPES)):
+            parts[i].append(out[i].numpy().astype(np.float64))
+    return {st: np.concatenate(parts[i]) for i, st in enumerate(SCORE_TYPES)}
+
+
 def _tensors(inputs: dict[str, np.ndarray]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     xn, xc = inputs.get("x_num"), inputs.get("x_cat")
     return (
@@ -249,27 +310,20 @@ def train_bundle(
     image_of(cfg, prep)  # a config's image that does not fit the data stops us before training
     layout = layout_of(prep.features)
     normal = encode_columns(prep.features, prep.columns).inputs
-    x_num, x_cat = _tensors(_rows(normal, prep.train_idx))
     threads = cfg.threads or TRAINING_THREADS
     torch.set_num_threads(threads)
     val_inputs = _rows(normal, prep.val_idx)
-    pre, vae, hist = fit(layout, x_num, x_cat, _tensors(val_inputs), cfg, progress, init_weights)
-
+    graph, hist = build_graph(
+        layout, normal, prep.train_idx, prep.val_idx, cfg, progress, init_weights
+    )
     _, latent = model_sizes(layout, cfg)
-    noise = torch.Generator().manual_seed(cfg.seed + GRAPH_NOISE_SEED)
-    eps = torch.randn(cfg.samples, latent, generator=noise)
-    graph = ScoringGraph(pre, vae, eps, torch.zeros(layout.n_features))
-    # attribution: each feature's NLL in excess of its median on (a sample of) the training
-    # rows, divided by at least the total excess of ATTRIBUTION_QUANTILE of those rows
-    with torch.no_grad():
-        sample = _rows(normal, prep.train_idx[:EVAL_BATCH])
-        nll, *_ = graph.per_sample_nll(*_tensors(sample))
-        feature_nll = nll.mean(1)
-        graph.baseline.copy_(feature_nll.median(0).values)
-        total = torch.relu(feature_nll - graph.baseline).sum(1)
-        typical = torch.quantile(total, ATTRIBUTION_QUANTILE)
-        graph.floor.copy_(torch.clamp(typical, min=ATTRIBUTION_FLOOR))
-    graph.eval()
+    # too few calibration records to read the threshold off them: score every normal record
+    # with models that never saw it (cross-fitting), and calibrate on all of those scores
+    oof = (
+        out_of_fold_scores(layout, normal, prep, cfg)
+        if calibrate.needs_tail(len(prep.calib_idx), cfg.target_fpr)
+        else None
+    )
 
     calib_inputs = _rows(normal, prep.calib_idx)
     anomaly_inputs = (
@@ -287,9 +341,11 @@ def train_bundle(
         max_abs, max_rel = compare(graph, session, _rows(val_inputs, slice(0, COMPARE_ROWS)))
         calib = session.run(calib_inputs)
         anom = session.run(anomaly_inputs) if anomaly_inputs else {}
+        normal_scores = oof or calib
         thresholds: dict[ScoreType, Threshold] = {}
         distributions: dict[ScoreType, ScoreDistribution] = {}
         metrics: dict[str, Any] = {
+            "calibration_scores": len(normal_scores[cfg.default_score]),
             "best_epoch": hist.best_epoch + 1,
             "epochs_run": len(hist.val_loss),
             "validation_loss": hist.val_loss[hist.best_epoch],
@@ -298,7 +354,7 @@ def train_bundle(
             "threads": threads,
         }
         for st in SCORE_TYPES:
-            value, method = calibrate.threshold_for_fpr(calib[st], cfg.target_fpr)
+            value, method, interval = _calibrated(normal_scores[st], cfg.target_fpr, oof)
             f1 = None
             if anom:
                 f1_value, f1_best = calibrate.f1_threshold(calib[st], anom[st])
@@ -309,12 +365,18 @@ def train_bundle(
                 )
                 metrics[f"{st}_f1_best"] = f1_best
                 metrics[f"{st}_recall_at_threshold"] = float((anom[st] > value).mean())
-            thresholds[st] = Threshold(value=value, method=method, f1=f1)
-            probs, quants = calibrate.distribution(calib[st])
+            thresholds[st] = Threshold(value=value, method=method, f1=f1, fpr_interval=interval)
+            probs, quants = calibrate.distribution(normal_scores[st])
             distributions[st] = ScoreDistribution(probs=probs, quantiles=quants)
         st = cfg.default_score
         explorer, recon = latent_files(
-            tmp, pre, vae, cfg, prep, (calib_inputs, calib[st]), (anomaly_inputs, anom.get(st))
+            tmp,
+            graph.pre,
+            graph.vae,
+            cfg,
+            prep,
+            (calib_inputs, calib[st]),
+            (anomaly_inputs, anom.get(st)),
         )
         manifest = Manifest(
             format_version=FORMAT_VERSION,
@@ -360,10 +422,36 @@ def train_bundle(
             reference=build_reference(prep.features, calib_inputs, calib[cfg.default_score]),
             explorer=explorer,
         )
+        notes.extend(_precision_note(thresholds[cfg.default_score], cfg.target_fpr, metrics))
         (tmp / MANIFEST_FILE).write_text(manifest_json(manifest), encoding="utf-8")
         report.write(tmp, manifest, hist, calib, anom, (calib_inputs, recon))
         result_manifest.append(manifest)
 
     result_manifest: list[Manifest] = []
+    notes: list[str] = []
     path = write_bundle_atomic(dest, fill, overwrite=overwrite)
-    return Result(path=path, manifest=result_manifest[0], history=hist, warnings=prep.warnings)
+    return Result(
+        path=path, manifest=result_manifest[0], history=hist, warnings=[*prep.warnings, *notes]
+    )
+
+
+def _calibrated(
+    scores: np.ndarray, fpr: float, cross_fitted: dict[str, np.ndarray] | None
+) -> tuple[float, str, tuple[float, float]]:
+    """Threshold, how it was estimated, and a 90% interval of its false-positive rate."""
+    value, method = calibrate.threshold_for_fpr(scores, fpr)
+    if cross_fitted:
+        method += f" of out-of-fold scores ({CROSS_FOLDS} folds)"
+    return value, method, calibrate.fpr_interval(scores, fpr)
+
+
+def _precision_note(t: Threshold, fpr: float, metrics: dict[str, Any]) -> list[str]:
+    """A warning when the calibration scores pin the alarm rate down no better than 2x."""
+    lo, hi = t.fpr_interval or (fpr, fpr)
+    if lo >= fpr / 2 and hi <= 2 * fpr:
+        return []
+    return [
+        f"the alarm threshold is imprecise: {metrics['calibration_scores']} calibration scores "
+        f"put its false-positive rate between {lo:.2%} and {hi:.2%} (90%) for a {fpr:.2%} "
+        "target; more normal records would narrow it"
+    ]

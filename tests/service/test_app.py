@@ -260,6 +260,8 @@ def test_model_health_and_request_id(client: InProcess, bundle_dir: Path) -> Non
     assert info["name"] == m.name and info["version"] == m.version
     assert info["score_types"] == m.score_types
     assert info["thresholds"]["elbo"]["value"] == pytest.approx(m.thresholds["elbo"].value)
+    lo, hi = info["thresholds"]["elbo"]["fpr_interval"]  # how precise the threshold is
+    assert lo < m.target_fpr < hi
     assert [f["name"] for f in info["features"]] == [f.name for f in m.features]
     assert "validation_loss" in info["metrics"] and info["created_at"]
     assert client.get("/healthz").status_code == 200

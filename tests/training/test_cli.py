@@ -40,6 +40,7 @@ def test_train_command_end_to_end(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert f"bundle: {out}" in r.stdout
     assert "thresholds for a 0.05 false-positive rate" in r.stdout
+    assert "false-positive rate at the iwae threshold" in r.stdout  # and how precise it is
     m = read_bundle(out).manifest
     assert m.default_score == "iwae" and m.target_fpr == 0.05 and m.name == "pay"
     assert m.config["seed"] == 1 and m.data.rows == 600
