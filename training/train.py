@@ -8,7 +8,6 @@ write the bundle atomically.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import platform
 import time
@@ -77,6 +76,8 @@ COMPARE_ROWS = 512  # validation rows run by torch and by onnxruntime to check t
 # offsets from cfg.seed: each random stream (batches, validation noise, the graph's fixed
 # posterior samples) has its own, so changing one's length leaves the others as they were
 VAL_NOISE_SEED, GRAPH_NOISE_SEED = 1, 2
+# cross-fitting's: the folds, each fold's validation split, each fold model's seed (+ fold)
+FOLDS_SEED, FOLD_SPLIT_SEED, FOLD_MODEL_SEED = 3, 4, 10
 
 
 def layout_of(features: list[Feature]) -> Layout:
@@ -247,13 +248,15 @@ def out_of_fold_scores(
     on the other folds only: calibration scores for all the normal records instead of a slice."""
     trainable = np.concatenate([prep.train_idx, prep.val_idx])
     everyone = np.concatenate([trainable, prep.calib_idx])
-    folds = np.array_split(np.random.default_rng(cfg.seed + 3).permutation(everyone), CROSS_FOLDS)
+    folds = np.array_split(
+        np.random.default_rng(cfg.seed + FOLDS_SEED).permutation(everyone), CROSS_FOLDS
+    )
     parts: list[list[np.ndarray]] = [[] for _ in SCORE_TYPES]
     for k, held in enumerate(folds):
         rest = np.setdiff1d(trainable, held)
-        rest = np.random.default_rng(cfg.seed + 4 + k).permutation(rest)
+        rest = np.random.default_rng(cfg.seed + FOLD_SPLIT_SEED + k).permutation(rest)
         n_val = max(1, round(len(rest) * cfg.validation_fraction))
-        fold_cfg = dataclasses.replace(cfg, seed=cfg.seed + 10 + k)
+        fold_cfg = cfg.model_copy(update={"seed": cfg.seed + FOLD_MODEL_SEED + k})
         graph, _ = build_graph(layout, normal, rest[n_val:], rest[:n_val], fold_cfg)
         with torch.no_grad():
             out = graph(*(t for t in _tensors(_rows(normal, held)) if t is not None))
