@@ -1,6 +1,5 @@
-"""Detection quality parts: the neighbour term, an ensemble of VAEs in one graph, cross-fitted
-calibration of small data, and the stated precision of the threshold (in the manifest, also for
-bundles written before it)."""
+"""Detection quality parts: the neighbour term, cross-fitted calibration of small data, and the
+stated precision of the threshold (in the manifest, also for bundles written before it)."""
 
 from __future__ import annotations
 
@@ -17,10 +16,7 @@ from service.bundle import MANIFEST_FILE, read_bundle
 from service.features import encode_columns
 from service.runtime import open_bundle
 from tests.conftest import small_config
-from training.export import TOLERANCE
-from training.model import VAE, Ensemble, Layout, Preprocess, ScoringGraph
 from training.neighbours import nearest_distance
-from training.retrain import serving_weights
 from training.train import train_bundle
 
 
@@ -99,51 +95,3 @@ def test_bundle_without_fpr_interval_still_loads(bundle_dir: Path, tmp_path: Pat
         del t["fpr_interval"]
     (old / MANIFEST_FILE).write_text(json.dumps(raw))
     assert read_bundle(old).manifest.thresholds["elbo"].fpr_interval is None
-
-
-def _graph(seed: int, n_in: int = 3) -> ScoringGraph:
-    torch.manual_seed(seed)
-    layout = Layout([0.0] * n_in, [1.0] * n_in, [False] * n_in, [], [False] * n_in, [])
-    vae = VAE(layout, [8], 2, 0.05)
-    return ScoringGraph(Preprocess(layout), vae, torch.randn(4, 2), torch.zeros(n_in)).eval()
-
-
-def test_ensemble_averages_standardised_member_scores_in_the_first_members_units() -> None:
-    a, b = _graph(0), _graph(1)
-    center = torch.tensor([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
-    scale = torch.tensor([[1.0, 2.0, 4.0], [5.0, 0.5, 1.0]])
-    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        got = Ensemble([a, b], center, scale).eval()(x)
-        sa, sb = (torch.stack(g(x)[:3], 1) for g in (a, b))
-        z = ((sa - center[0]) / scale[0] + (sb - center[1]) / scale[1]) / 2
-        want = z * scale[0] + center[0]
-        for i in range(3):
-            assert torch.allclose(got[i], want[:, i], rtol=1e-5, atol=1e-5)
-        assert torch.allclose(got[3], (a(x)[3] + b(x)[3]) / 2)
-
-
-@pytest.mark.slow
-def test_an_ensemble_bundle_is_one_checked_graph_and_warm_starts_a_retrain(
-    tmp_path: Path,
-) -> None:
-    df = _clusters(1500, 3)
-    cfg = small_config(exclude=[], members=2)
-    r = train_bundle(df, tmp_path / "e", cfg, source="x.csv", data_fingerprint="-", progress=False)
-    assert r.manifest.model.max_rel_diff <= TOLERANCE  # the export check ran on the ensemble
-    bundle, _ = open_bundle(r.path)
-    weights = serving_weights(bundle)
-    assert weights and all(not k.startswith(("members", "vae")) for k in weights)
-    warm = train_bundle(
-        df,
-        tmp_path / "w",
-        small_config(exclude=[], members=2, epochs=1),
-        source="x.csv",
-        data_fingerprint="-",
-        progress=False,
-        init_weights=weights,
-    )
-    assert warm.history.warm_started_tensors == len(weights)
-    # scores of fresh normal records sit below the threshold about as often as calibrated
-    fresh = _scores(r.path, _clusters(4000, 4))
-    assert 0.002 < float(np.mean(fresh > r.manifest.thresholds["elbo"].value)) < 0.03

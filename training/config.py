@@ -94,9 +94,6 @@ class TrainConfig:
     # training records the graph keeps to measure distances to
     neighbour_weight: float = 2.0
     neighbour_bank: int = 2048
-    # VAEs in the exported graph (different seeds), their scores averaged once each is
-    # standardised on the validation records (training/model.py Ensemble)
-    members: int = 1
 
     def validate(self) -> None:
         def bad(what: str) -> ValueError:
@@ -117,8 +114,6 @@ class TrainConfig:
         ):
             if v < 1:
                 raise bad(f"{name} must be >= 1, got {v}")
-        if self.members < 1:
-            raise bad(f"members must be >= 1, got {self.members}")
         if self.neighbour_weight < 0 or self.neighbour_bank < 1:
             raise bad("neighbour_weight must be >= 0 and neighbour_bank >= 1")
         if self.threads is not None and self.threads < 1:

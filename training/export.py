@@ -12,7 +12,7 @@ import torch
 
 from service.bundle import SCORE_TYPES
 from service.runtime import OnnxModel
-from training.model import Scorer
+from training.model import ScoringGraph
 
 OPSET = 18
 OUTPUTS = [*SCORE_TYPES, "attribution"]
@@ -23,11 +23,11 @@ class ExportError(RuntimeError):
     """The exported graph is missing or does not reproduce torch."""
 
 
-def input_names(graph: Scorer) -> list[str]:
+def input_names(graph: ScoringGraph) -> list[str]:
     return [n for n, has in (("x_num", graph.has_num), ("x_cat", graph.has_cat)) if has]
 
 
-def export_onnx(graph: Scorer, inputs: dict[str, np.ndarray], path: Path) -> None:
+def export_onnx(graph: ScoringGraph, inputs: dict[str, np.ndarray], path: Path) -> None:
     """Write ``graph`` as a single ONNX file (weights inside) with a dynamic batch axis."""
     graph.eval()
     names = input_names(graph)
@@ -52,7 +52,7 @@ def export_onnx(graph: Scorer, inputs: dict[str, np.ndarray], path: Path) -> Non
 
 
 def compare(
-    graph: Scorer, session: OnnxModel, inputs: dict[str, np.ndarray]
+    graph: ScoringGraph, session: OnnxModel, inputs: dict[str, np.ndarray]
 ) -> tuple[float, float]:
     """Max absolute and relative difference between onnxruntime and torch on ``inputs``."""
     names = input_names(graph)

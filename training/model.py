@@ -269,35 +269,3 @@ class ScoringGraph(nn.Module):
         excess = F.relu(nll.mean(1) - self.baseline)
         attribution = excess / torch.maximum(excess.sum(1, keepdim=True), self.floor)
         return elbo, recon, iwae, attribution, enc_in, mu
-
-
-class Ensemble(nn.Module):
-    """Several scoring graphs (VAEs of different seeds) as one: each member's scores are
-    standardised by its own ``center`` and ``scale`` (median and spread on validation records,
-    no labels), averaged, and put back in the first member's units, so thresholds and
-    distributions read like a single model's. Attribution is the members' mean."""
-
-    center: Tensor
-    scale: Tensor
-
-    def __init__(self, members: list[ScoringGraph], center: Tensor, scale: Tensor) -> None:
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.register_buffer("center", center)  # [members, scores]
-        self.register_buffer("scale", scale)
-        self.has_num, self.has_cat = members[0].has_num, members[0].has_cat
-
-    def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        z = torch.zeros(0)
-        attribution = torch.zeros(0)
-        for k, member in enumerate(self.members):
-            *scores, attr = member(*inputs)
-            zk = (torch.stack(scores, 1) - self.center[k]) / self.scale[k]
-            z = zk if k == 0 else z + zk
-            attribution = attr if k == 0 else attribution + attr
-        n = len(self.members)
-        s = z / n * self.scale[0] + self.center[0]
-        return s[:, 0], s[:, 1], s[:, 2], attribution / n
-
-
-Scorer = ScoringGraph | Ensemble

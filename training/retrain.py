@@ -65,22 +65,12 @@ FLAGGED_P = 1e-3  # ... beyond which chance must be this unlikely to explain the
 
 
 def serving_weights(bundle: Bundle) -> dict[str, torch.Tensor]:
-    """The VAE's weights, read back from the ONNX initializers of a bundle (no code is loaded);
-    of an ensemble, its first member's."""
+    """The VAE's weights, read back from the ONNX initializers of a bundle (no code is loaded)."""
     model = onnx.load(str(bundle.model_path))
-    prefix = next(
-        (
-            p
-            for p in ("vae.", "members.0.vae.")
-            for i in model.graph.initializer
-            if i.name.startswith(p)
-        ),
-        "vae.",
-    )
     return {
-        init.name.removeprefix(prefix): torch.from_numpy(numpy_helper.to_array(init).copy())
+        init.name.removeprefix("vae."): torch.from_numpy(numpy_helper.to_array(init).copy())
         for init in model.graph.initializer
-        if init.name.startswith(prefix)
+        if init.name.startswith("vae.")
     }
 
 

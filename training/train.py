@@ -52,7 +52,7 @@ from training import calibrate, neighbours, report
 from training.config import TrainConfig
 from training.data import Feature, Prepared, prepare
 from training.export import OPSET, compare, export_onnx, input_names
-from training.model import VAE, Ensemble, Layout, Preprocess, Scorer, ScoringGraph, kl_normal
+from training.model import VAE, Layout, Preprocess, ScoringGraph, kl_normal
 
 EVAL_BATCH = 4096
 
@@ -185,45 +185,8 @@ def build_graph(
     cfg: TrainConfig,
     progress: bool = False,
     init_weights: dict[str, torch.Tensor] | None = None,
-) -> tuple[Scorer, History]:
-    """Fit on the ``train_idx`` records and assemble the whole scoring graph: one VAE, or an
-    ensemble of ``cfg.members`` (seeds ``seed``, ``seed + 1000``, ...)."""
-    built = [
-        _build_member(
-            layout,
-            normal,
-            train_idx,
-            val_idx,
-            dataclasses.replace(cfg, seed=cfg.seed + 1000 * k),
-            progress,
-            init_weights,
-        )
-        for k in range(cfg.members)
-    ]
-    hist = built[0][1]
-    hist.seconds = sum(h.seconds for _, h in built)
-    if cfg.members == 1:
-        return built[0][0], hist
-    val = _tensors(_rows(normal, val_idx[:EVAL_BATCH]))
-    with torch.no_grad():
-        scores = [torch.stack(g(*(t for t in val if t is not None))[:3], 1) for g, _ in built]
-        center = torch.stack([s.median(0).values for s in scores])
-        scale = torch.stack(
-            [torch.stack([neighbours.spread(c) for c in s.T]) for s in scores]
-        ).clamp(min=1e-6)
-    return Ensemble([g for g, _ in built], center, scale).eval(), hist
-
-
-def _build_member(
-    layout: Layout,
-    normal: dict[str, np.ndarray],
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    cfg: TrainConfig,
-    progress: bool,
-    init_weights: dict[str, torch.Tensor] | None,
 ) -> tuple[ScoringGraph, History]:
-    """One VAE fitted on the ``train_idx`` records, with its whole scoring graph."""
+    """Fit on the ``train_idx`` records and assemble the whole scoring graph."""
     val = _tensors(_rows(normal, val_idx))
     train = _tensors(_rows(normal, train_idx))
     pre, vae, hist = fit(layout, *train, val, cfg, progress, init_weights)
