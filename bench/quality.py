@@ -120,6 +120,8 @@ def run_one(
         "fit_s": fit_s,
         "epochs": r.manifest.metrics["epochs_run"],
         "calibration_rows": r.manifest.data.calibration_rows,
+        # negative ELBO on the validation (normal) records: what a label-free choice can use
+        "validation_loss": r.manifest.metrics["validation_loss"],
     }
     for st in SCORES:
         s = out[st].astype(np.float64)
