@@ -41,21 +41,12 @@ def write(
     both = np.concatenate([calib[st], anomalies.get(st, np.array([]))])
     lo, hi = np.percentile(both, [0.5, 99.5])
     bins = np.linspace(lo, max(hi, thr * 1.05 if thr > 0 else thr + 1), 60)
-    ax.hist(
-        np.clip(calib[st], bins[0], bins[-1]),
-        bins=list(bins),
-        alpha=0.7,
-        density=True,
-        label="normal (calibration)",
-    )
+    shown = [(calib[st], 0.7, "normal (calibration)")]
     if st in anomalies:
-        ax.hist(
-            np.clip(anomalies[st], bins[0], bins[-1]),
-            bins=list(bins),
-            alpha=0.6,
-            density=True,
-            label="labelled anomalies",
-        )
+        shown.append((anomalies[st], 0.6, "labelled anomalies"))
+    for scores, alpha, label in shown:
+        clipped = np.clip(scores, bins[0], bins[-1])
+        ax.hist(clipped, bins=list(bins), alpha=alpha, density=True, label=label)
     ax.axvline(thr, color="red", lw=1.5, label=f"threshold {thr:.3g} (target FPR {m.target_fpr})")
     ax.set(
         xlabel=f"score ({st}, higher = more anomalous)",
