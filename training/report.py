@@ -34,7 +34,29 @@ def write(
     if m.explorer is not None:
         images.append("latent.png")
         latent_plot(folder / "latent.png", m)
+    scores_plot(folder / "scores.png", m, calib, anomalies)
+    if anomalies:
+        images.append("roc.png")
+        roc_plot(folder / "roc.png", m, calib, anomalies)
+    table = "\n".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in summary_rows(m)
+    )
+    imgs = "\n".join(f'<p><img src="{i}" alt="{i}"></p>' for i in images)
+    (folder / "report.html").write_text(
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(m.name)} training report"
+        f"</title><h1>{html.escape(m.name)} {html.escape(m.version)}</h1>"
+        f"<table>{table}</table>{imgs}{feature_table(m, recon)}{dropped_table(m)}"
+        f"{column_table(m)}\n",
+        encoding="utf-8",
+    )
 
+
+def scores_plot(
+    path: Path, m: Manifest, calib: dict[str, np.ndarray], anomalies: dict[str, np.ndarray]
+) -> None:
+    """Histogram of the default score on held-out normal records (and labelled anomalies),
+    with the threshold."""
     st = m.default_score
     thr = m.thresholds[st].value
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -55,23 +77,29 @@ def write(
     )
     ax.legend()
     fig.tight_layout()
-    fig.savefig(folder / "scores.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
-    if anomalies:
-        images.append("roc.png")
-        fig, ax = plt.subplots(figsize=(5, 5))
-        for s in m.score_types:
-            fpr, tpr = calibrate.roc_curve(calib[s], anomalies[s])
-            ax.plot(fpr, tpr, label=f"{s} (AUC {m.metrics[f'{s}_roc_auc']:.3f})")
-        ax.plot([0, 1], [0, 1], color="grey", ls=":")
-        ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(folder / "roc.png", dpi=100)
-        plt.close(fig)
 
-    rows = [
+def roc_plot(
+    path: Path, m: Manifest, calib: dict[str, np.ndarray], anomalies: dict[str, np.ndarray]
+) -> None:
+    """ROC curve of every score type against the labelled anomalies."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for s in m.score_types:
+        fpr, tpr = calibrate.roc_curve(calib[s], anomalies[s])
+        ax.plot(fpr, tpr, label=f"{s} (AUC {m.metrics[f'{s}_roc_auc']:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":")
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary_rows(m: Manifest) -> list[tuple[str, str]]:
+    """(label, value) rows of the report's summary table: the bundle, data, thresholds, metrics."""
+    return [
         ("name", m.name),
         ("version", m.version),
         ("created", m.created_at.isoformat()),
@@ -81,24 +109,13 @@ def write(
             f"{m.data.anomaly_rows}",
         ),
         ("features", ", ".join(f"{f.name} ({f.kind})" for f in m.features)),
-        ("default score", st),
+        ("default score", m.default_score),
         *(
             (f"threshold {s}", f"{m.thresholds[s].value:.6g} ({m.thresholds[s].method})")
             for s in m.score_types
         ),
         *((k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in m.metrics.items()),
     ]
-    table = "\n".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
-    )
-    imgs = "\n".join(f'<p><img src="{i}" alt="{i}"></p>' for i in images)
-    (folder / "report.html").write_text(
-        f"<!doctype html><meta charset='utf-8'><title>{html.escape(m.name)} training report"
-        f"</title><h1>{html.escape(m.name)} {html.escape(m.version)}</h1>"
-        f"<table>{table}</table>{imgs}{feature_table(m, recon)}{dropped_table(m)}"
-        f"{column_table(m)}\n",
-        encoding="utf-8",
-    )
 
 
 def column_table(m: Manifest) -> str:
