@@ -95,16 +95,39 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=10)
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vae-bench-"))
-    out: dict[str, Any] = {}
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}; work dir {tmp}",
         flush=True,
     )
+    train = measure_training(tmp, a.rows, a.epochs)  # first: it also makes the model
+    pyod = measure_pyod(tmp / "train.parquet", a.epochs)
+    probe = telemetry(4096, 1)
+    ceiling = measure_onnxruntime(tmp / "model", probe)
+    load, thousand = measure_servers(tmp, probe, a.seconds, ceiling)
+    bulk = measure_bulk(tmp, a.bulk_rows, ceiling)
 
-    # 7. training (first: it also makes the model)
+    print("\nratios (targets in parentheses):")
+    print(
+        f"  single-record req/s at c=64 vs trivial endpoint: "
+        f"{load[('ours', 64)][0] / load[('trivial', 64)][0]:.0%} (>= 60%)"
+    )
+    print(f"  1,000-record requests vs raw onnxruntime at 4096: {thousand / ceiling:.0%} (>= 30%)")
+    print(
+        f"  ours vs naive torch service at c=64: "
+        f"{load[('ours', 64)][0] / load[('naive torch', 64)][0]:.1f}x (>= 3x)"
+    )
+    print(f"  p99 at c=8: {load[('ours', 8)][2]:.1f} ms (< 20 ms)")
+    print(f"  bulk scoring vs raw onnxruntime: {bulk / ceiling:.0%} (>= 50%)")
+    if pyod is not None:
+        print(f"  training time per epoch vs PyOD VAE: {train / pyod:.2f}x")
+    return 0
+
+
+def measure_training(tmp: Path, rows: int, epochs: int) -> float:
+    """7. Train the model (tmp/model) on tmp/train.parquet; seconds per epoch per 100k rows."""
     data = tmp / "train.parquet"
-    telemetry(a.rows, 0).to_parquet(data, index=False)
+    telemetry(rows, 0).to_parquet(data, index=False)
     t0 = time.perf_counter()
     subprocess.run(
         [
@@ -114,7 +137,7 @@ def main() -> int:
             "--out",
             str(tmp / "model"),
             "--epochs",
-            str(a.epochs),
+            str(epochs),
             "--exclude",
             "host_id",
             "--quiet",
@@ -125,37 +148,40 @@ def main() -> int:
     wall = time.perf_counter() - t0
     peak_ours = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     manifest = json.loads((tmp / "model" / "manifest.json").read_text())
-    per_epoch = (
+    per_epoch = float(
         manifest["metrics"]["train_seconds"]
         / manifest["metrics"]["epochs_run"]
         / (manifest["data"]["train_rows"] / 100_000)
     )
-    out["train"] = (per_epoch, peak_ours, wall)
     print(
         f"7. ours: {per_epoch:.2f} s/epoch/100k rows, peak {peak_ours:.0f} MB "
         f"(whole command {wall:.0f} s)",
         flush=True,
     )
-    pyod = subprocess.run(
-        [sys.executable, "-c", PYOD, str(data), str(a.epochs)], capture_output=True, text=True
-    )
-    if pyod.returncode == 0:
-        pyod_epoch, pyod_peak = (float(x) for x in pyod.stdout.split())
-        print(
-            f"   PyOD VAE: {pyod_epoch:.2f} s/epoch/100k rows, peak {pyod_peak:.0f} MB", flush=True
-        )
-        out["pyod"] = (pyod_epoch, pyod_peak)
-    else:
-        print(f"   PyOD VAE: not run ({pyod.stderr.strip().splitlines()[-1]})", flush=True)
+    return per_epoch
 
-    # 1. raw onnxruntime
+
+def measure_pyod(data: Path, epochs: int) -> float | None:
+    """7. PyOD's VAE on the same data: seconds per epoch per 100k rows (None if not installed)."""
+    pyod = subprocess.run(
+        [sys.executable, "-c", PYOD, str(data), str(epochs)], capture_output=True, text=True
+    )
+    if pyod.returncode != 0:
+        print(f"   PyOD VAE: not run ({pyod.stderr.strip().splitlines()[-1]})", flush=True)
+        return None
+    pyod_epoch, pyod_peak = (float(x) for x in pyod.stdout.split())
+    print(f"   PyOD VAE: {pyod_epoch:.2f} s/epoch/100k rows, peak {pyod_peak:.0f} MB", flush=True)
+    return pyod_epoch
+
+
+def measure_onnxruntime(model: Path, probe: pd.DataFrame) -> float:
+    """1. Raw onnxruntime rows/s by threads and batch; returns the best at batch 4096."""
     from service.bundle import read_bundle
     from service.features import encode_columns
     from service.runtime import OnnxModel
 
-    bundle = read_bundle(tmp / "model")
+    bundle = read_bundle(model)
     feats = bundle.manifest.features
-    probe = telemetry(4096, 1)
     inputs = encode_columns(feats, {f.name: probe[f.name].to_numpy() for f in feats}).inputs
     raw: dict[tuple[int, int], float] = {}
     for threads in (1, 2):
@@ -169,47 +195,46 @@ def main() -> int:
                 f"1. onnxruntime {threads} thread(s), batch {n}: {raw[(threads, n)]:,.0f} rows/s",
                 flush=True,
             )
-    ceiling = max(raw[(1, 4096)], raw[(2, 4096)])
+    return max(raw[(1, 4096)], raw[(2, 4096)])
 
-    # 2-5. servers under wrk
-    one = tmp / "one.lua"
-    one.write_text(LUA % json.dumps({"records": records(probe.iloc[:1])}))
-    thousand = tmp / "thousand.lua"
-    thousand.write_text(LUA % json.dumps({"records": records(probe.iloc[:1000])}))
-    servers = {
+
+def server_commands(model: Path) -> dict[str, Any]:
+    """The servers under load: ours, the naive torch one, a trivial constant endpoint."""
+    naive = [sys.executable, str(HERE / "naive_service.py")]
+    return {
         "ours": lambda port: [
             str(EXE),
             "serve",
             "--bundle",
-            str(tmp / "model"),
+            str(model),
             "--port",
             str(port),
             "--log-level",
             "warning",
         ],
-        "naive torch": lambda port: [
-            sys.executable,
-            str(HERE / "naive_service.py"),
-            "naive",
-            str(tmp / "model"),
-            str(port),
-        ],
-        "trivial": lambda port: [
-            sys.executable,
-            str(HERE / "naive_service.py"),
-            "trivial",
-            str(tmp / "model"),
-            str(port),
-        ],
+        "naive torch": lambda port: [*naive, "naive", str(model), str(port)],
+        "trivial": lambda port: [*naive, "trivial", str(model), str(port)],
     }
+
+
+def measure_servers(
+    tmp: Path, probe: pd.DataFrame, seconds: int, ceiling: float
+) -> tuple[dict[tuple[str, int], tuple[float, float, float]], float]:
+    """2-5. Each server under wrk: (req/s, p50, p99) by (server, concurrency), and (3) our
+    records/s with 1,000-record requests."""
+    one = tmp / "one.lua"
+    one.write_text(LUA % json.dumps({"records": records(probe.iloc[:1])}))
+    thousand = tmp / "thousand.lua"
+    thousand.write_text(LUA % json.dumps({"records": records(probe.iloc[:1000])}))
     load: dict[tuple[str, int], tuple[float, float, float]] = {}
-    for name, cmd in servers.items():
+    thousand_rate = 0.0
+    for name, cmd in server_commands(tmp / "model").items():
         port = free_port()
         proc = start(cmd(port), port)
         url = f"http://127.0.0.1:{port}/v1/score"
         try:
             for c in (1, 8, 64):
-                load[(name, c)] = wrk(url, one, c, a.seconds)
+                load[(name, c)] = wrk(url, one, c, seconds)
                 rps, p50, p99 = load[(name, c)]
                 print(
                     f"2. {name}, 1 record, c={c}: {rps:,.0f} req/s, p50 {p50:.2f} ms, "
@@ -217,8 +242,8 @@ def main() -> int:
                     flush=True,
                 )
             if name == "ours":
-                rps, p50, p99 = wrk(url, thousand, 2, a.seconds)
-                out["thousand"] = rps * 1000
+                rps, p50, p99 = wrk(url, thousand, 2, seconds)
+                thousand_rate = rps * 1000
                 print(
                     f"3. ours, 1,000 records, c=2: {rps * 1000:,.0f} records/s "
                     f"({rps * 1000 / ceiling:.0%} of raw onnxruntime at batch 4096)",
@@ -227,12 +252,15 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait()
+    return load, thousand_rate
 
-    # 6. bulk scoring
+
+def measure_bulk(tmp: Path, bulk_rows: int, ceiling: float) -> float:
+    """6. `vae-anomaly score` rows/s on a Parquet file of ``bulk_rows`` records."""
     bulk_in = tmp / "bulk.parquet"
     pieces = []
-    for i in range(0, a.bulk_rows, 500_000):
-        pieces.append(telemetry(min(500_000, a.bulk_rows - i), 10 + i))
+    for i in range(0, bulk_rows, 500_000):
+        pieces.append(telemetry(min(500_000, bulk_rows - i), 10 + i))
     pd.concat(pieces, ignore_index=True).to_parquet(bulk_in, index=False)
     del pieces
     t0 = time.perf_counter()
@@ -249,33 +277,15 @@ def main() -> int:
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    bulk = a.bulk_rows / (time.perf_counter() - t0)
+    bulk = bulk_rows / (time.perf_counter() - t0)
     peak_bulk = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(
-        f"6. vae-anomaly score: {bulk:,.0f} rows/s over {a.bulk_rows:,} rows "
+        f"6. vae-anomaly score: {bulk:,.0f} rows/s over {bulk_rows:,} rows "
         f"({bulk / ceiling:.0%} of raw onnxruntime at batch 4096; peak RSS of any child so "
         f"far {peak_bulk:.0f} MB)",
         flush=True,
     )
-
-    print("\nratios (targets in parentheses):")
-    print(
-        f"  single-record req/s at c=64 vs trivial endpoint: "
-        f"{load[('ours', 64)][0] / load[('trivial', 64)][0]:.0%} (>= 60%)"
-    )
-    print(
-        f"  1,000-record requests vs raw onnxruntime at 4096: {out['thousand'] / ceiling:.0%} "
-        "(>= 30%)"
-    )
-    print(
-        f"  ours vs naive torch service at c=64: "
-        f"{load[('ours', 64)][0] / load[('naive torch', 64)][0]:.1f}x (>= 3x)"
-    )
-    print(f"  p99 at c=8: {load[('ours', 8)][2]:.1f} ms (< 20 ms)")
-    print(f"  bulk scoring vs raw onnxruntime: {bulk / ceiling:.0%} (>= 50%)")
-    if "pyod" in out:
-        print(f"  training time per epoch vs PyOD VAE: {out['train'][0] / out['pyod'][0]:.2f}x")
-    return 0
+    return bulk
 
 
 PYOD = r"""

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pandas as pd
 from naive_service import trivial_app  # type: ignore[import-not-found]  # beside this script
 
 from service.app import create_app
@@ -63,14 +64,26 @@ def main() -> int:
 
         a.bundle = demo_bundle(progress=False)
     scorer = Scorer(a.bundle)
-    feats = scorer.manifest.features
     df = generate_payments(4096, seed=123)
     recs = [
         {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
         for r in df.to_dict(orient="records")
     ]
+    print(
+        f"model: {scorer.manifest.name} {scorer.version}, {len(scorer.manifest.features)} features"
+    )
+    onnx_call_times(scorer, df)
+    request_steps(scorer, recs, a.bundle)
+    body = orjson.dumps({"records": recs[:1]})
+    asgi_cost(a.bundle, body)
+    v2_cost(scorer, recs[0], a.bundle, body)
+    explanation_cost(a.bundle, body)
+    return 0
 
-    print(f"model: {scorer.manifest.name} {scorer.version}, {len(feats)} features")
+
+def onnx_call_times(scorer: Scorer, df: pd.DataFrame) -> None:
+    """1. onnxruntime call time by batch size, 1 and 2 intra-op threads."""
+    feats = scorer.manifest.features
     print("\n1. onnxruntime call, median ms (rows/s)")
     print(f"{'batch':>6} | {'1 thread':>22} | {'2 threads':>22}")
     sessions = {t: OnnxModel(scorer.bundle.model_path, intra_op_threads=t) for t in (1, 2)}
@@ -82,8 +95,12 @@ def main() -> int:
             cells.append(f"{ms:8.3f} ({n / ms * 1000:9.0f}/s)")
         print(f"{n:>6} | {cells[0]:>22} | {cells[1]:>22}")
 
+
+def request_steps(scorer: Scorer, recs: list[dict[str, Any]], bundle: Path) -> None:
+    """2. The steps of a native /v1/score request in process: validate, score, build the
+    results, JSON-encode them (orjson and the standard library)."""
     print("\n2. native request steps in process, median ms")
-    settings = Settings(bundle=a.bundle)
+    settings = Settings(bundle=bundle)
     print(
         f"{'records':>7} | {'validate':>8} | {'score':>8} | {'results':>8} | "
         f"{'orjson':>8} | {'json':>8}"
@@ -102,33 +119,38 @@ def main() -> int:
         js = median_ms(lambda x=res: json.dumps(x), rep)
         print(f"{n:>7} | {v:8.3f} | {s:8.3f} | {r:8.3f} | {oj:8.3f} | {js:8.3f}")
 
+
+def asgi_cost(bundle: Path, body: bytes) -> None:
+    """3. CPU per single-record request through the ASGI app: the service against a trivial
+    FastAPI endpoint."""
     print("\n3. CPU per single-record request through the ASGI app, 64 concurrent (median of 5)")
-    body = orjson.dumps({"records": recs[:1]})
     for name, make in (
-        ("service", lambda: create_app(Settings(bundle=a.bundle, log_level="warning"))),
+        ("service", lambda: create_app(Settings(bundle=bundle, log_level="warning"))),
         ("trivial FastAPI endpoint", trivial_app),
     ):
         us = asyncio.run(asgi_cpu_per_request(make(), body, 64, 4000, 5))
         print(f"   {name}: {us:.0f} us")
 
+
+def v2_cost(scorer: Scorer, rec: dict[str, Any], bundle: Path, body: bytes) -> None:
+    """4. The same for one record through V2 infer (JSON, binary tensors) against native."""
     print("\n4. the same, one record: native vs V2 infer (JSON, binary tensors), median of 5")
+    feats = scorer.manifest.features
     path = f"/v2/models/{scorer.manifest.name}/infer"
     json_ct = ((b"content-type", b"application/json"),)
-    head, blobs = v2_binary_request(recs[0], feats)
+    head, blobs = v2_binary_request(rec, feats)
     binary_headers = (
         (b"content-type", b"application/octet-stream"),
         (b"inference-header-content-length", str(len(head)).encode()),
     )
     for name, route, payload, headers in (
         ("native /v1/score", "/v1/score", body, json_ct),
-        ("V2 JSON", path, v2_json_request(recs[0], feats), json_ct),
+        ("V2 JSON", path, v2_json_request(rec, feats), json_ct),
         ("V2 binary", path, head + blobs, binary_headers),
     ):
-        app = create_app(Settings(bundle=a.bundle, log_level="warning"))
+        app = create_app(Settings(bundle=bundle, log_level="warning"))
         us = asyncio.run(asgi_cpu_per_request(app, payload, 64, 4000, 5, route, headers))
         print(f"   {name}: {us:.0f} us")
-    explanation_cost(a.bundle, body)
-    return 0
 
 
 def explanation_cost(bundle: Path, body: bytes) -> None:

@@ -29,7 +29,7 @@ import random
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import httpx
 
@@ -135,15 +135,23 @@ def chunks(records: list[dict[str, Any]], size: int) -> Iterator[tuple[int, list
         yield start, records[start : start + size]
 
 
-def params(score_type: str | None, explain: int | None, on_invalid: str | None) -> dict[str, Any]:
-    p: dict[str, Any] = {}
-    if score_type is not None:
-        p["score"] = score_type
-    if explain is not None:
-        p["explain"] = explain
-    if on_invalid is not None:
-        p["on_invalid"] = on_invalid
-    return p
+class ScoreOptions(TypedDict, total=False):
+    """The keyword options of ``score`` (None: the service's default)."""
+
+    score_type: str | None  # elbo, recon or iwae
+    explain: int | None  # how many features to name per record
+    on_invalid: str | None  # what the service does with an invalid record (skip: a Result.error)
+
+
+QUERY_NAMES = {"score_type": "score", "explain": "explain", "on_invalid": "on_invalid"}
+
+
+def params(options: ScoreOptions) -> dict[str, Any]:
+    """The query parameters of a scoring request."""
+    unknown = sorted(options.keys() - QUERY_NAMES.keys())
+    if unknown:  # as a function with these keyword arguments would say
+        raise TypeError(f"score() got unexpected keyword arguments {unknown}")
+    return {QUERY_NAMES[k]: v for k, v in options.items() if v is not None}
 
 
 def parse_results(body: Any) -> list[Result]:
@@ -206,15 +214,27 @@ class _Retry:
 RETRY = object()  # what _settle answers for a response worth another try
 
 
+class Options(TypedDict, total=False):
+    """The keyword options both clients take (defaults in :class:`_Base`)."""
+
+    chunk_size: int  # records per request
+    retries: int  # further tries of a request that met a 502/503/504 or a failed connection
+    backoff: float  # the first retry's greatest delay, in seconds; doubled per retry
+    max_backoff: float  # the greatest delay, in seconds (a Retry-After too)
+    timeout: float  # per request, in seconds
+
+
 class _Base:
     def __init__(
         self,
         url: str,
-        api_key: str | None,
-        chunk_size: int,
-        retries: int,
-        backoff: float,
-        max_backoff: float,
+        api_key: str | None = None,
+        *,
+        chunk_size: int = 1000,
+        retries: int = 5,
+        backoff: float = 0.2,
+        max_backoff: float = 10.0,
+        timeout: float = 30.0,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
@@ -224,6 +244,7 @@ class _Base:
             self.headers["authorization"] = f"Bearer {api_key}"
         self.chunk_size = chunk_size
         self.retry = _Retry(retries, backoff, max_backoff)
+        self.timeout = timeout
 
     def _settle(self, response: httpx.Response | None, offset: int) -> Any:
         """The body of a good response, RETRY, or raise the typed error of a refusal."""
@@ -243,21 +264,11 @@ class _Base:
 
 
 class Client(_Base):
-    """Blocking client. ``timeout`` is per request, in seconds."""
+    """Blocking client; its keyword options are :class:`Options`."""
 
-    def __init__(
-        self,
-        url: str,
-        api_key: str | None = None,
-        *,
-        chunk_size: int = 1000,
-        retries: int = 5,
-        backoff: float = 0.2,
-        max_backoff: float = 10.0,
-        timeout: float = 30.0,
-    ) -> None:
-        super().__init__(url, api_key, chunk_size, retries, backoff, max_backoff)
-        self.http = httpx.Client(timeout=timeout, headers=self.headers)
+    def __init__(self, url: str, api_key: str | None = None, **options: Unpack[Options]) -> None:
+        super().__init__(url, api_key, **options)
+        self.http = httpx.Client(timeout=self.timeout, headers=self.headers)
 
     def __enter__(self) -> Client:
         return self
@@ -268,17 +279,10 @@ class Client(_Base):
     def close(self) -> None:
         self.http.close()
 
-    def score(
-        self,
-        records: Any,
-        *,
-        score_type: str | None = None,
-        explain: int | None = None,
-        on_invalid: str | None = None,
-    ) -> list[Result]:
+    def score(self, records: Any, **options: Unpack[ScoreOptions]) -> list[Result]:
         """Score records (a DataFrame, an Arrow table or dicts), one result each, in order."""
         rows = as_records(records)
-        query = params(score_type, explain, on_invalid)
+        query = params(options)
         results: list[Result] = []
         for start, chunk in chunks(rows, self.chunk_size):
             body = self._send("POST", "/v1/score", dumps({"records": chunk}), query, start)
@@ -321,15 +325,11 @@ class AsyncClient(_Base):
         url: str,
         api_key: str | None = None,
         *,
-        chunk_size: int = 1000,
         concurrency: int = 4,
-        retries: int = 5,
-        backoff: float = 0.2,
-        max_backoff: float = 10.0,
-        timeout: float = 30.0,
+        **options: Unpack[Options],
     ) -> None:
-        super().__init__(url, api_key, chunk_size, retries, backoff, max_backoff)
-        self.http = httpx.AsyncClient(timeout=timeout, headers=self.headers)
+        super().__init__(url, api_key, **options)
+        self.http = httpx.AsyncClient(timeout=self.timeout, headers=self.headers)
         self.concurrency = max(1, concurrency)
 
     async def __aenter__(self) -> AsyncClient:
@@ -341,16 +341,9 @@ class AsyncClient(_Base):
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def score(
-        self,
-        records: Any,
-        *,
-        score_type: str | None = None,
-        explain: int | None = None,
-        on_invalid: str | None = None,
-    ) -> list[Result]:
+    async def score(self, records: Any, **options: Unpack[ScoreOptions]) -> list[Result]:
         rows = as_records(records)
-        query = params(score_type, explain, on_invalid)
+        query = params(options)
         gate = asyncio.Semaphore(self.concurrency)
 
         async def one(start: int, chunk: Sequence[Any]) -> list[Result]:

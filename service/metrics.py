@@ -182,6 +182,7 @@ def scored(
         UNKNOWN_CATEGORY.labels(name).inc(int(rows.sum()))
     for name, kind, rows in batch.unusual:
         UNUSUAL_VALUES.labels(name, kind).inc(int(rows.sum()))
+    scorer.drift.observe(batch.inputs, batch.model_scores)  # counts once the service publishes
     return batch.results
 
 

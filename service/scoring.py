@@ -1,6 +1,6 @@
 """Scoring: columns of validated values in, scores and verdicts out. Knows nothing of HTTP nor
-of Prometheus: the service counts each :class:`Batch` (``metrics.scored``); only the model's
-own drift counters (service/drift.py) count what it scores, once the service publishes them.
+of Prometheus: the service counts each :class:`Batch` (``metrics.scored``), the model's drift
+counters (service/drift.py, per-model state held here) included.
 
 Both protocol adapters (``/v1`` and ``/v2``) turn their requests into columns and call
 :meth:`Scorer.score`, or :meth:`Scorer.score_many` through the micro-batcher.
@@ -57,6 +57,8 @@ class Batch:
     default_scores: npt.NDArray[np.float64]  # every row's score of the model's default type
     unknown: dict[str, npt.NDArray[np.bool_]]  # feature -> rows with an unseen category
     unusual: list[tuple[str, str, npt.NDArray[np.bool_]]]  # (feature, kind, rows)
+    inputs: dict[str, np.ndarray]  # the model's inputs (the drift counters bucket them)
+    model_scores: np.ndarray  # the graph's default-type scores, as it returned them
 
 
 class Scorer:
@@ -131,7 +133,6 @@ class Scorer:
                 _rows(st, by_type[st], order, shares, unknown, unusual, lo, hi, expected)
             )
             lo = hi
-        self.drift.observe(enc.inputs, out[m.default_score])
         default = by_type.get(m.default_score)
         if len(by_type) == 1:
             anomalies = int(next(iter(by_type.values()))[1].sum())
@@ -145,6 +146,8 @@ class Scorer:
             default_scores=default[0] if default else out[m.default_score].astype(np.float64),
             unknown=unknown,
             unusual=unusual,
+            inputs=enc.inputs,
+            model_scores=out[m.default_score],
         )
 
     def warm_up(self, timeout: float | None = None) -> None:

@@ -28,7 +28,7 @@ from service.values import Invalid
 from training import calibrate
 from training.columns import finish as columns_report
 from training.columns import plan as columns_plan
-from training.config import TrainConfig
+from training.config import ColumnConfig, TrainConfig
 
 Feature = NumericFeature | BooleanFeature | CategoricalFeature
 
@@ -161,30 +161,9 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
     ``trainable`` (one bool per normal row; a retrain from the sink: not flagged when served)
     limits the training and validation rows; the calibration rows stay a uniform sample of all.
     """
-    notes: list[str] = []
     extra = [c for c in (cfg.label_column, cfg.color_column) if c]
-    for col in [*cfg.exclude, *extra]:
-        if col not in df.columns:
-            raise DataError(
-                f"column {col!r} (excluded or label) is not in the data; "
-                f"columns are {list(df.columns)}"
-            )
-    for col in cfg.columns:
-        if col not in df.columns:
-            raise DataError(f"config names column {col!r}, which is not in the data")
-    is_anomaly = np.zeros(len(df), dtype=bool)
-    if cfg.label_column:
-        lab = df[cfg.label_column]
-        ok = lab.notna() & lab.astype(str).str.strip().isin(
-            ["0", "1", "0.0", "1.0", "True", "False"]
-        )
-        if not ok.all():
-            bad = lab[~ok].iloc[0]
-            raise DataError(
-                f"label column {cfg.label_column!r} must hold only 0 and 1; "
-                f"found {bad!r} in row {int(np.flatnonzero(~ok.to_numpy())[0])}"
-            )
-        is_anomaly = lab.astype(str).str.strip().isin(["1", "1.0", "True"]).to_numpy()
+    _check_named_columns(df, cfg, extra)
+    is_anomaly = _anomaly_mask(df, cfg)
     used = [c for c in df.columns if c not in cfg.exclude and c not in extra]
     if not used:
         raise DataError("no feature columns left after exclusions")
@@ -200,100 +179,20 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
         )
     plan = columns_plan(normal, anomalous, cfg)  # date-times -> time features; ids out
     normal, anomalous, notes = plan.normal, plan.anomalous, plan.notes
+    train_idx, val_idx, calib_idx = _split_rows(len(normal), cfg, trainable)
+
     dropped: dict[str, tuple[str, str]] = {}  # column -> (type, why), for the column report
-
-    rng = np.random.default_rng(cfg.seed)
-    perm = rng.permutation(len(normal))
-    n_val = max(1, round(cfg.validation_fraction * len(normal)))
-    n_cal = max(1, round(cfg.calibration_fraction * len(normal)))
-    val_idx, calib_idx, train_idx = perm[:n_val], perm[n_val : n_val + n_cal], perm[n_val + n_cal :]
-    if n_cal < MIN_CALIBRATION:
-        raise DataError(
-            f"{n_cal} calibration record(s) ({cfg.calibration_fraction:g} of {len(normal)}); at "
-            f"least {MIN_CALIBRATION} are needed: give more records or a larger "
-            "calibration_fraction"
-        )
-    if trainable is not None:
-        val_idx, train_idx = val_idx[trainable[val_idx]], train_idx[trainable[train_idx]]
-        if len(train_idx) < MIN_ROWS // 2 or not len(val_idx):
-            raise DataError(f"{len(train_idx)} unflagged record(s) to train on; too few")
-
     specs: list[tuple[str, dict[str, Any]]] = []  # (kind, fields) of each kept column
     columns: dict[str, np.ndarray] = {}
     anomalies: dict[str, np.ndarray] = {}
     for name in normal.columns:
         cc = plan.overrides.get(name) or cfg.columns.get(name)
         kind, values = column_values(normal[name], name, cc.type if cc else None)
-        if kind == "categorical":
-            missing = np.array([v is None for v in values])
-        else:
-            missing = np.isnan(values)
-        if missing.all():
-            raise DataError(
-                f"column {name!r} is missing in every record; exclude it (--exclude {name})"
-            )
-        tr = values[train_idx]
-        tr_missing = missing[train_idx]
-        nullable = bool(missing.any())
-        spec: dict[str, Any] = {"name": name, "nullable": nullable}
-        if kind == "numeric":
-            present = tr[~tr_missing].astype(float)
-            if len(np.unique(present)) <= 1:
-                notes.append(f"column {name!r} is constant; dropped")
-                dropped[name] = (kind, "constant")
-                continue
-            transform = cc.transform if cc and cc.transform else None
-            if transform is None:
-                s_raw, s_log = _skew(present), _skew(signed_log(present))
-                transform = "log" if abs(s_raw) > 1 and abs(s_log) < abs(s_raw) else "none"
-            t = signed_log(present) if transform == "log" else present
-            center, scale = _robust_scale(t)
-            spec.update(
-                transform=transform,
-                center=center,
-                scale=scale,
-                impute=float(np.median(present)),
-                min=float(present.min()),
-                max=float(present.max()),
-            )
-        elif kind == "boolean":
-            present = tr[~tr_missing]
-            rate = float(present.mean())
-            if rate in (0.0, 1.0) and not tr_missing.any():
-                notes.append(f"column {name!r} is constant; dropped")
-                dropped[name] = (kind, "constant")
-                continue
-            spec.update(rate=rate)
-        else:
-            counts = pd.Series(tr[~tr_missing]).value_counts(sort=True)
-            kept = [str(v) for v, c in counts.items() if c >= cfg.min_category_count]
-            kept = kept[: cfg.max_categories]
-            if len(counts) <= 1 and not tr_missing.any():
-                notes.append(f"column {name!r} is constant; dropped")
-                dropped[name] = (kind, "constant")
-                continue
-            if not kept:
-                notes.append(
-                    f"column {name!r}: no value repeats (an id?); dropped — exclude it "
-                    f"with --exclude {name}"
-                )
-                dropped[name] = (kind, "no value repeats")
-                continue
-            if len(counts) > len(kept):
-                folded = int(counts.iloc[len(kept) :].sum())  # counts is sorted, kept a prefix
-                notes.append(
-                    f"column {name!r}: {len(counts) - len(kept)} rare value(s) "
-                    f"({folded} record(s)) map to {UNKNOWN_TOKEN}"
-                )
-            # how often held-out normal records bring a value the vocabulary lacks (label-free)
-            calib = values[calib_idx]
-            known = set(kept)
-            unseen = sum(1 for v in calib if v is not None and v not in known)
-            spec.update(
-                categories=[UNKNOWN_TOKEN, MISSING_TOKEN, *kept],
-                unseen_rate=unseen / max(1, len(calib)),
-            )
-        specs.append((kind, spec))
+        fitted = _fit_column(kind, name, values, train_idx, calib_idx, cc, cfg, notes)
+        if isinstance(fitted, str):
+            dropped[name] = (kind, fitted)
+            continue
+        specs.append((kind, fitted))
         columns[name] = values
         if len(anomalous):
             anomalies[name] = column_values(anomalous[name], name, kind)[1]
@@ -301,17 +200,7 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
             anomalies[name] = values[:0]
     if not specs:
         raise DataError("no usable feature columns (all were constant or dropped)")
-    # the schema lists real-valued, then boolean (together: x_num), then categorical (x_cat)
-    features: list[Feature] = []
-    for kind, cls in (
-        ("numeric", NumericFeature),
-        ("boolean", BooleanFeature),
-        ("categorical", CategoricalFeature),
-    ):
-        first = 0 if kind != "boolean" else len(features)
-        features += [
-            cls(column=first + i, **sp) for i, sp in enumerate(sp for k, sp in specs if k == kind)
-        ]
+    features = _schema_order(specs)
     datetimes, report = columns_report(plan, list(map(str, df.columns)), features, dropped, cfg)
     return Prepared(
         features=features,
@@ -326,3 +215,163 @@ def prepare(df: pd.DataFrame, cfg: TrainConfig, trainable: np.ndarray | None = N
         report=report,
         colors=colors,
     )
+
+
+def _check_named_columns(df: pd.DataFrame, cfg: TrainConfig, extra: list[str]) -> None:
+    """Every column the config names (excluded, label, color, typed) must be in the data."""
+    for col in [*cfg.exclude, *extra]:
+        if col not in df.columns:
+            raise DataError(
+                f"column {col!r} (excluded or label) is not in the data; "
+                f"columns are {list(df.columns)}"
+            )
+    for col in cfg.columns:
+        if col not in df.columns:
+            raise DataError(f"config names column {col!r}, which is not in the data")
+
+
+def _anomaly_mask(df: pd.DataFrame, cfg: TrainConfig) -> np.ndarray:
+    """One bool per row: labelled anomalous (all False without a label column)."""
+    if not cfg.label_column:
+        return np.zeros(len(df), dtype=bool)
+    lab = df[cfg.label_column]
+    ok = lab.notna() & lab.astype(str).str.strip().isin(["0", "1", "0.0", "1.0", "True", "False"])
+    if not ok.all():
+        bad = lab[~ok].iloc[0]
+        raise DataError(
+            f"label column {cfg.label_column!r} must hold only 0 and 1; "
+            f"found {bad!r} in row {int(np.flatnonzero(~ok.to_numpy())[0])}"
+        )
+    return np.asarray(lab.astype(str).str.strip().isin(["1", "1.0", "True"]).to_numpy())
+
+
+def _split_rows(
+    n: int, cfg: TrainConfig, trainable: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, validation, calibration) row indices of the ``n`` normal rows, seeded."""
+    rng = np.random.default_rng(cfg.seed)
+    perm = rng.permutation(n)
+    n_val = max(1, round(cfg.validation_fraction * n))
+    n_cal = max(1, round(cfg.calibration_fraction * n))
+    val_idx, calib_idx, train_idx = perm[:n_val], perm[n_val : n_val + n_cal], perm[n_val + n_cal :]
+    if n_cal < MIN_CALIBRATION:
+        raise DataError(
+            f"{n_cal} calibration record(s) ({cfg.calibration_fraction:g} of {n}); at "
+            f"least {MIN_CALIBRATION} are needed: give more records or a larger "
+            "calibration_fraction"
+        )
+    if trainable is not None:
+        val_idx, train_idx = val_idx[trainable[val_idx]], train_idx[trainable[train_idx]]
+        if len(train_idx) < MIN_ROWS // 2 or not len(val_idx):
+            raise DataError(f"{len(train_idx)} unflagged record(s) to train on; too few")
+    return train_idx, val_idx, calib_idx
+
+
+def _fit_column(
+    kind: str,
+    name: str,
+    values: np.ndarray,
+    train_idx: np.ndarray,
+    calib_idx: np.ndarray,
+    cc: ColumnConfig | None,
+    cfg: TrainConfig,
+    notes: list[str],
+) -> dict[str, Any] | str:
+    """The feature fields of one column fitted on the training rows, or why it is dropped.
+
+    Notes for the person training (dropped, rare values folded) are appended to ``notes``.
+    """
+    missing = np.array([v is None for v in values]) if kind == "categorical" else np.isnan(values)
+    if missing.all():
+        raise DataError(
+            f"column {name!r} is missing in every record; exclude it (--exclude {name})"
+        )
+    tr, tr_missing = values[train_idx], missing[train_idx]
+    if kind == "numeric":
+        fitted = _fit_numeric(tr[~tr_missing].astype(float), cc)
+    elif kind == "boolean":
+        fitted = _fit_boolean(tr[~tr_missing], tr_missing)
+    else:
+        fitted = _fit_categorical(name, tr[~tr_missing], tr_missing, values[calib_idx], cfg, notes)
+    if fitted == "constant":
+        notes.append(f"column {name!r} is constant; dropped")
+    if isinstance(fitted, str):
+        return fitted
+    return {"name": name, "nullable": bool(missing.any()), **fitted}
+
+
+def _fit_numeric(present: np.ndarray, cc: ColumnConfig | None) -> dict[str, Any] | str:
+    """Transform (configured, or log when that makes the values less skewed) and scaling."""
+    if len(np.unique(present)) <= 1:
+        return "constant"
+    transform = cc.transform if cc and cc.transform else None
+    if transform is None:
+        s_raw, s_log = _skew(present), _skew(signed_log(present))
+        transform = "log" if abs(s_raw) > 1 and abs(s_log) < abs(s_raw) else "none"
+    t = signed_log(present) if transform == "log" else present
+    center, scale = _robust_scale(t)
+    return {
+        "transform": transform,
+        "center": center,
+        "scale": scale,
+        "impute": float(np.median(present)),
+        "min": float(present.min()),
+        "max": float(present.max()),
+    }
+
+
+def _fit_boolean(present: np.ndarray, tr_missing: np.ndarray) -> dict[str, Any] | str:
+    rate = float(present.mean())
+    if rate in (0.0, 1.0) and not tr_missing.any():
+        return "constant"
+    return {"rate": rate}
+
+
+def _fit_categorical(
+    name: str,
+    present: np.ndarray,
+    tr_missing: np.ndarray,
+    calib: np.ndarray,
+    cfg: TrainConfig,
+    notes: list[str],
+) -> dict[str, Any] | str:
+    """The vocabulary: values seen often enough, the most common first, at most max_categories."""
+    counts = pd.Series(present).value_counts(sort=True)
+    kept = [str(v) for v, c in counts.items() if c >= cfg.min_category_count]
+    kept = kept[: cfg.max_categories]
+    if len(counts) <= 1 and not tr_missing.any():
+        return "constant"
+    if not kept:
+        notes.append(
+            f"column {name!r}: no value repeats (an id?); dropped — exclude it "
+            f"with --exclude {name}"
+        )
+        return "no value repeats"
+    if len(counts) > len(kept):
+        folded = int(counts.iloc[len(kept) :].sum())  # counts is sorted, kept a prefix
+        notes.append(
+            f"column {name!r}: {len(counts) - len(kept)} rare value(s) "
+            f"({folded} record(s)) map to {UNKNOWN_TOKEN}"
+        )
+    # how often held-out normal records bring a value the vocabulary lacks (label-free)
+    known = set(kept)
+    unseen = sum(1 for v in calib if v is not None and v not in known)
+    return {
+        "categories": [UNKNOWN_TOKEN, MISSING_TOKEN, *kept],
+        "unseen_rate": unseen / max(1, len(calib)),
+    }
+
+
+def _schema_order(specs: list[tuple[str, dict[str, Any]]]) -> list[Feature]:
+    """The schema lists real-valued, then boolean (together: x_num), then categorical (x_cat)."""
+    features: list[Feature] = []
+    for kind, cls in (
+        ("numeric", NumericFeature),
+        ("boolean", BooleanFeature),
+        ("categorical", CategoricalFeature),
+    ):
+        first = 0 if kind != "boolean" else len(features)
+        features += [
+            cls(column=first + i, **sp) for i, sp in enumerate(sp for k, sp in specs if k == kind)
+        ]
+    return features

@@ -34,71 +34,13 @@ def write(
     if m.explorer is not None:
         images.append("latent.png")
         latent_plot(folder / "latent.png", m)
-
-    st = m.default_score
-    thr = m.thresholds[st].value
-    fig, ax = plt.subplots(figsize=(7, 4))
-    both = np.concatenate([calib[st], anomalies.get(st, np.array([]))])
-    lo, hi = np.percentile(both, [0.5, 99.5])
-    bins = np.linspace(lo, max(hi, thr * 1.05 if thr > 0 else thr + 1), 60)
-    ax.hist(
-        np.clip(calib[st], bins[0], bins[-1]),
-        bins=list(bins),
-        alpha=0.7,
-        density=True,
-        label="normal (calibration)",
-    )
-    if st in anomalies:
-        ax.hist(
-            np.clip(anomalies[st], bins[0], bins[-1]),
-            bins=list(bins),
-            alpha=0.6,
-            density=True,
-            label="labelled anomalies",
-        )
-    ax.axvline(thr, color="red", lw=1.5, label=f"threshold {thr:.3g} (target FPR {m.target_fpr})")
-    ax.set(
-        xlabel=f"score ({st}, higher = more anomalous)",
-        ylabel="density",
-        title="Scores on held-out data",
-    )
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "scores.png", dpi=100)
-    plt.close(fig)
-
+    scores_plot(folder / "scores.png", m, calib, anomalies)
     if anomalies:
         images.append("roc.png")
-        fig, ax = plt.subplots(figsize=(5, 5))
-        for s in m.score_types:
-            fpr, tpr = calibrate.roc_curve(calib[s], anomalies[s])
-            ax.plot(fpr, tpr, label=f"{s} (AUC {m.metrics[f'{s}_roc_auc']:.3f})")
-        ax.plot([0, 1], [0, 1], color="grey", ls=":")
-        ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(folder / "roc.png", dpi=100)
-        plt.close(fig)
-
-    rows = [
-        ("name", m.name),
-        ("version", m.version),
-        ("created", m.created_at.isoformat()),
-        (
-            "records (train / validation / calibration / anomalies)",
-            f"{m.data.train_rows} / {m.data.validation_rows} / {m.data.calibration_rows} / "
-            f"{m.data.anomaly_rows}",
-        ),
-        ("features", ", ".join(f"{f.name} ({f.kind})" for f in m.features)),
-        ("default score", st),
-        *(
-            (f"threshold {s}", f"{m.thresholds[s].value:.6g} ({m.thresholds[s].method})")
-            for s in m.score_types
-        ),
-        *((k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in m.metrics.items()),
-    ]
+        roc_plot(folder / "roc.png", m, calib, anomalies)
     table = "\n".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in summary_rows(m)
     )
     imgs = "\n".join(f'<p><img src="{i}" alt="{i}"></p>' for i in images)
     (folder / "report.html").write_text(
@@ -108,6 +50,72 @@ def write(
         f"{column_table(m)}\n",
         encoding="utf-8",
     )
+
+
+def scores_plot(
+    path: Path, m: Manifest, calib: dict[str, np.ndarray], anomalies: dict[str, np.ndarray]
+) -> None:
+    """Histogram of the default score on held-out normal records (and labelled anomalies),
+    with the threshold."""
+    st = m.default_score
+    thr = m.thresholds[st].value
+    fig, ax = plt.subplots(figsize=(7, 4))
+    both = np.concatenate([calib[st], anomalies.get(st, np.array([]))])
+    lo, hi = np.percentile(both, [0.5, 99.5])
+    bins = np.linspace(lo, max(hi, thr * 1.05 if thr > 0 else thr + 1), 60)
+    shown = [(calib[st], 0.7, "normal (calibration)")]
+    if st in anomalies:
+        shown.append((anomalies[st], 0.6, "labelled anomalies"))
+    for scores, alpha, label in shown:
+        clipped = np.clip(scores, bins[0], bins[-1])
+        ax.hist(clipped, bins=list(bins), alpha=alpha, density=True, label=label)
+    ax.axvline(thr, color="red", lw=1.5, label=f"threshold {thr:.3g} (target FPR {m.target_fpr})")
+    ax.set(
+        xlabel=f"score ({st}, higher = more anomalous)",
+        ylabel="density",
+        title="Scores on held-out data",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def roc_plot(
+    path: Path, m: Manifest, calib: dict[str, np.ndarray], anomalies: dict[str, np.ndarray]
+) -> None:
+    """ROC curve of every score type against the labelled anomalies."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for s in m.score_types:
+        fpr, tpr = calibrate.roc_curve(calib[s], anomalies[s])
+        ax.plot(fpr, tpr, label=f"{s} (AUC {m.metrics[f'{s}_roc_auc']:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":")
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary_rows(m: Manifest) -> list[tuple[str, str]]:
+    """(label, value) rows of the report's summary table: the bundle, data, thresholds, metrics."""
+    return [
+        ("name", m.name),
+        ("version", m.version),
+        ("created", m.created_at.isoformat()),
+        (
+            "records (train / validation / calibration / anomalies)",
+            f"{m.data.train_rows} / {m.data.validation_rows} / {m.data.calibration_rows} / "
+            f"{m.data.anomaly_rows}",
+        ),
+        ("features", ", ".join(f"{f.name} ({f.kind})" for f in m.features)),
+        ("default score", m.default_score),
+        *(
+            (f"threshold {s}", f"{m.thresholds[s].value:.6g} ({m.thresholds[s].method})")
+            for s in m.score_types
+        ),
+        *((k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in m.metrics.items()),
+    ]
 
 
 def column_table(m: Manifest) -> str:

@@ -285,20 +285,10 @@ def retrain(
     serving = registry.serving()
     parent = registry.read(serving) if serving else None
     new_data, cfg = read_new_data(data, cfg, parent.manifest if parent else None, window)
-    pre: list[Check] = []
-    table: list[tuple[str, str, str]] = []
-    if parent is not None and not len(new_data.anomalies):
-        flagged = flagged_check(parent, new_data.normal, max_flagged)
-        if flagged is not None:
-            pre.append(flagged[0])
-            table.append(("flagged by the serving model (all new data)", flagged[1], "-"))
-            if not flagged[0].passed and not force:
-                return Retrained(None, None, serving, False, False, pre, table)
-    rng = np.random.default_rng(cfg.seed + 100)
-    perm = rng.permutation(len(new_data.normal))
-    n_gate = max(1, round(gate_fraction * len(new_data.normal)))
-    gate = new_data.normal.iloc[np.sort(perm[:n_gate])].reset_index(drop=True)
-    train_rows = np.sort(perm[n_gate:])
+    pre, table = _pre_check(parent, new_data, max_flagged)
+    if any(not c.passed for c in pre) and not force:
+        return Retrained(None, None, serving, False, False, pre, table)
+    gate, train_rows = _hold_out_gate(new_data.normal, gate_fraction, cfg.seed + 100)
     init = None
     if warm_start:
         if parent is None:
@@ -329,6 +319,30 @@ def retrain(
         allow_schema_change=allow_schema_change,
         force=force,
     )
+
+
+def _pre_check(
+    parent: Bundle | None, new_data: NewData, max_flagged: float | None
+) -> tuple[list[Check], list[tuple[str, str, str]]]:
+    """Before training: unlabelled new data the serving model flags far above its target
+    (checks and table rows; both empty when there is nothing to check)."""
+    if parent is None or len(new_data.anomalies):
+        return [], []
+    flagged = flagged_check(parent, new_data.normal, max_flagged)
+    if flagged is None:
+        return [], []
+    return [flagged[0]], [("flagged by the serving model (all new data)", flagged[1], "-")]
+
+
+def _hold_out_gate(
+    normal: pd.DataFrame, gate_fraction: float, seed: int
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """A seeded sample of the new normal records kept out of training for the gate, and the
+    rows left to train on (both in the data's order)."""
+    perm = np.random.default_rng(seed).permutation(len(normal))
+    n_gate = max(1, round(gate_fraction * len(normal)))
+    gate = normal.iloc[np.sort(perm[:n_gate])].reset_index(drop=True)
+    return gate, np.sort(perm[n_gate:])
 
 
 def _gate_and_add(

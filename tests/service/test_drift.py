@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from prometheus_client import REGISTRY
 
+from service import metrics
 from service.bundle import (
     MANIFEST_FILE,
     MISSING_TOKEN,
@@ -126,7 +127,7 @@ def test_live_counts_give_the_offline_psi_and_a_reload_drops_the_series(
     scorer.drift.publish()
     cols = records_columns(df)
     for lo in range(0, 700, 100):  # several micro-batches
-        scorer.score({k: v[lo : lo + 100] for k, v in cols.items()}, None)
+        metrics.scored(scorer, [({k: v[lo : lo + 100] for k, v in cols.items()}, None)])
     live = counted(scorer)
     for d in offline.features:
         counts = np.array([live[(d.feature, b)] for b in d.buckets])
@@ -159,7 +160,8 @@ def test_a_bundle_without_reference_scores_without_drift_series(
     (old / MANIFEST_FILE).write_text(json.dumps(raw))
     scorer = Scorer(old)
     scorer.drift.publish()
-    scorer.score({k: v[:3] for k, v in records_columns(generate_payments(3, seed=5)).items()}, None)
+    cols = records_columns(generate_payments(3, seed=5))
+    metrics.scored(scorer, [({k: v[:3] for k, v in cols.items()}, None)])
     assert counted(scorer) == {}
     r = subprocess.run(
         [cli_executable(), "drift", str(old), str(write_table(tmp_path, generate_payments(60)))],
@@ -232,3 +234,18 @@ def test_retrain_table_says_which_features_moved(trained: Result) -> None:
 
 
 # ---------------------------------------------------------------- a real Prometheus
+
+
+def test_the_scorer_alone_counts_no_drift(bundle_dir: Path) -> None:
+    """The service counts drift around the scorer (metrics.scored): a library user's scoring,
+    even of a published model, moves no series."""
+    scorer = Scorer(bundle_dir)
+    scorer.drift.retire()  # from zero: apps tested in this process counted this version too
+    scorer.drift.publish()
+    cols = records_columns(generate_payments(50, seed=9))
+    scorer.score(cols, None)
+    live = counted(scorer)
+    assert live and not any(live.values())
+    metrics.scored(scorer, [(cols, None)])
+    assert sum(counted(scorer).values()) > 0
+    scorer.drift.retire()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,11 +152,9 @@ def test_old_bundle_without_latent_files_still_scores(bundle_dir: Path, tmp_path
 def test_a_map_that_does_not_fit_the_latent_space_is_refused(
     bundle_dir: Path, tmp_path: Path
 ) -> None:
-    bad = tmp_path / "bad"
-    shutil.copytree(bundle_dir, bad)
-    raw = json.loads((bad / "manifest.json").read_text())
-    raw["explorer"]["map"]["mean"].append(0.0)
-    (bad / "manifest.json").write_text(json.dumps(raw))
+    bad = edited_copy(
+        bundle_dir, tmp_path / "bad", lambda m: m["explorer"]["map"]["mean"].append(0.0)
+    )
     with pytest.raises(BundleError, match="latent map"):
         Scorer(bad)
 
@@ -164,15 +162,22 @@ def test_a_map_that_does_not_fit_the_latent_space_is_refused(
 def test_latent_outputs_that_do_not_fit_the_features_are_refused(
     bundle_dir: Path, tmp_path: Path
 ) -> None:
-    bad = tmp_path / "bad"
-    shutil.copytree(bundle_dir, bad)
-    raw = json.loads((bad / "manifest.json").read_text())
-    cat = next(f for f in raw["features"] if f["kind"] == "categorical")
-    cat["categories"].append("a-category-the-graphs-never-had")
-    (bad / "manifest.json").write_text(json.dumps(raw))
-    s = Scorer(bad)
+    def add_a_category(m: dict[str, Any]) -> None:
+        cat = next(f for f in m["features"] if f["kind"] == "categorical")
+        cat["categories"].append("a-category-the-graphs-never-had")
+
+    s = Scorer(edited_copy(bundle_dir, tmp_path / "bad", add_a_category))
     with pytest.raises(BundleError, match="cat_p"):
         s.warm_up()
+
+
+def edited_copy(src: Path, dest: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy of the bundle whose manifest ``edit`` has changed (its checksums still hold)."""
+    shutil.copytree(src, dest)
+    raw = json.loads((dest / "manifest.json").read_text())
+    edit(raw)
+    (dest / "manifest.json").write_text(json.dumps(raw))
+    return dest
 
 
 def strip_latent(src: Path, dest: Path) -> Path:

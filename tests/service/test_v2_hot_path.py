@@ -15,7 +15,7 @@ from service.errors import BadRequest
 from service.microbatch import MicroBatcher
 from service.scoring import Scorer
 from service.settings import Settings
-from service.v2 import _parse
+from service.v2_request import parse as _parse
 from tests.conftest import records
 from training.demo_data import generate_payments
 
