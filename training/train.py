@@ -9,49 +9,33 @@ from __future__ import annotations
 
 import copy
 import math
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from service.bundle import (
-    FORMAT_VERSION,
-    MANIFEST_FILE,
-    MODEL_FILE,
     SCORE_TYPES,
     BooleanFeature,
     CategoricalFeature,
     DataInfo,
     Manifest,
-    ModelFile,
     NumericFeature,
-    ScoreDistribution,
-    ScoreType,
-    Threshold,
-    manifest_json,
-    sha256_file,
     write_bundle_atomic,
 )
 from service.cpus import TRAINING_THREADS
-from service.drift import build_reference
 from service.features import encode_columns
 from service.registry import new_version
-from service.runtime import OnnxModel
-from training import calibrate, neighbours, report
+from training import calibrate, neighbours
+from training.bundle_files import Fitted, write_files
 from training.config import TrainConfig
 from training.data import Feature, Prepared, prepare
-from training.export import OPSET, compare, export_onnx, input_names
-from training.latent import for_bundle as latent_files
 from training.latent import image_of
 from training.model import (
     ATTRIBUTION_FLOOR,
@@ -72,7 +56,6 @@ HIDDEN_PER_INPUT, HIDDEN_MIN, HIDDEN_MAX, SECOND_HIDDEN_MIN = 2, 64, 512, 32
 FEATURES_PER_LATENT, LATENT_MIN, LATENT_MAX = 4, 2, 32
 # attribution divides by at least the total excess NLL of this share of the training rows
 ATTRIBUTION_QUANTILE = 0.9
-COMPARE_ROWS = 512  # validation rows run by torch and by onnxruntime to check the export
 # offsets from cfg.seed: each random stream (batches, validation noise, the graph's fixed
 # posterior samples) has its own, so changing one's length leaves the others as they were
 VAL_NOISE_SEED, GRAPH_NOISE_SEED = 1, 2
@@ -138,14 +121,8 @@ def fit(
     gen = torch.Generator().manual_seed(cfg.seed)
     hidden, latent = model_sizes(layout, cfg)
     pre, vae = Preprocess(layout), VAE(layout, hidden, latent, cfg.min_std)
-    warm = 0
-    if init_weights:
-        own = vae.state_dict()
-        usable = {k: v for k, v in init_weights.items() if k in own and own[k].shape == v.shape}
-        vae.load_state_dict(usable, strict=False)
-        warm = len(usable)
+    warm = _warm_start(vae, init_weights) if init_weights else 0
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = (x_num if x_num is not None else x_cat).shape[0]  # type: ignore[union-attr]
     n_val = (val[0] if val[0] is not None else val[1]).shape[0]  # type: ignore[union-attr]
     val_noise = torch.randn(
         n_val, latent, generator=torch.Generator().manual_seed(cfg.seed + VAL_NOISE_SEED)
@@ -158,39 +135,15 @@ def fit(
     )
     for epoch in bar:
         beta = cfg.beta * min(1.0, (epoch + 1) / max(1, cfg.beta_warmup_epochs))
-        vae.train()
-        perm = torch.randperm(n, generator=gen)
-        total = 0.0
-        for sl in _batches(n, cfg.batch_size):
-            idx = perm[sl]
-            xn, xc = _take(x_num, idx), _take(x_cat, idx)
-            enc_in, s, miss = pre(xn, xc)
-            mu, lv = vae.encode(enc_in)
-            z = mu + torch.exp(0.5 * lv) * torch.randn(mu.shape, generator=gen)
-            nll = vae.feature_nll(vae.decoder(z), s, miss, xc).sum(1)
-            loss = (nll + beta * kl_normal(mu, lv)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), GRAD_CLIP)
-            opt.step()
-            total += loss.item() * (sl.stop - sl.start)
-        vae.eval()
-        with torch.no_grad():
-            vloss = 0.0
-            for sl in _batches(n_val, EVAL_BATCH):
-                xn, xc = _take(val[0], sl), _take(val[1], sl)
-                enc_in, s, miss = pre(xn, xc)
-                mu, lv = vae.encode(enc_in)
-                z = mu + torch.exp(0.5 * lv) * val_noise[sl]
-                nll = vae.feature_nll(vae.decoder(z), s, miss, xc).sum(1)
-                vloss += float((nll + kl_normal(mu, lv)).sum())
-        hist.train_loss.append(total / n)
-        hist.val_loss.append(vloss / n_val)
-        bar.set_postfix(train=f"{total / n:.3f}", val=f"{vloss / n_val:.3f}")
+        train_loss = _train_epoch(pre, vae, opt, (x_num, x_cat), cfg.batch_size, beta, gen)
+        vloss = _validation_loss(pre, vae, val, val_noise)
+        hist.train_loss.append(train_loss)
+        hist.val_loss.append(vloss)
+        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{vloss:.3f}")
         # the validation loss is always the true negative ELBO (beta = 1); patience starts
         # counting once the KL warm-up is over
-        if vloss / n_val < best - MIN_IMPROVEMENT:
-            best, hist.best_epoch, stale = vloss / n_val, epoch, 0
+        if vloss < best - MIN_IMPROVEMENT:
+            best, hist.best_epoch, stale = vloss, epoch, 0
             best_state = copy.deepcopy(vae.state_dict())
         elif epoch >= cfg.beta_warmup_epochs:
             stale += 1
@@ -201,6 +154,66 @@ def fit(
     vae.eval()
     hist.seconds = time.perf_counter() - start
     return pre, vae, hist
+
+
+def _warm_start(vae: VAE, init_weights: dict[str, torch.Tensor]) -> int:
+    """Set every parameter ``init_weights`` has under the same name and shape; how many."""
+    own = vae.state_dict()
+    usable = {k: v for k, v in init_weights.items() if k in own and own[k].shape == v.shape}
+    vae.load_state_dict(usable, strict=False)
+    return len(usable)
+
+
+def _train_epoch(
+    pre: Preprocess,
+    vae: VAE,
+    opt: torch.optim.Optimizer,
+    data: tuple[torch.Tensor | None, torch.Tensor | None],
+    batch_size: int,
+    beta: float,
+    gen: torch.Generator,
+) -> float:
+    """One pass over the shuffled training records; their mean loss (NLL + beta * KL)."""
+    x_num, x_cat = data
+    n = (x_num if x_num is not None else x_cat).shape[0]  # type: ignore[union-attr]
+    vae.train()
+    perm = torch.randperm(n, generator=gen)
+    total = 0.0
+    for sl in _batches(n, batch_size):
+        idx = perm[sl]
+        xn, xc = _take(x_num, idx), _take(x_cat, idx)
+        enc_in, s, miss = pre(xn, xc)
+        mu, lv = vae.encode(enc_in)
+        z = mu + torch.exp(0.5 * lv) * torch.randn(mu.shape, generator=gen)
+        nll = vae.feature_nll(vae.decoder(z), s, miss, xc).sum(1)
+        loss = (nll + beta * kl_normal(mu, lv)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), GRAD_CLIP)
+        opt.step()
+        total += loss.item() * (sl.stop - sl.start)
+    vae.eval()
+    return total / n
+
+
+def _validation_loss(
+    pre: Preprocess,
+    vae: VAE,
+    val: tuple[torch.Tensor | None, torch.Tensor | None],
+    noise: torch.Tensor,
+) -> float:
+    """The validation records' mean negative ELBO, with fixed posterior noise."""
+    n_val = noise.shape[0]
+    vloss = 0.0
+    with torch.no_grad():
+        for sl in _batches(n_val, EVAL_BATCH):
+            xn, xc = _take(val[0], sl), _take(val[1], sl)
+            enc_in, s, miss = pre(xn, xc)
+            mu, lv = vae.encode(enc_in)
+            z = mu + torch.exp(0.5 * lv) * noise[sl]
+            nll = vae.feature_nll(vae.decoder(z), s, miss, xc).sum(1)
+            vloss += float((nll + kl_normal(mu, lv)).sum())
+    return vloss / n_val
 
 
 def build_graph(
@@ -311,15 +324,47 @@ def train_bundle(
             raise FileExistsError(f"{out} already exists (choose another --out, or --overwrite)")
     prep: Prepared = prepare(df, cfg, trainable)
     image_of(cfg, prep)  # a config's image that does not fit the data stops us before training
+    f = _fit_all(prep, cfg, progress, init_weights)
+    created = datetime.now(UTC)
+    version = version or new_version(created)
+    head = {
+        "name": cfg.name or Path(source).stem or "model",
+        "version": version,
+        "created_at": created,
+        "parent_version": parent_version,
+        "data": DataInfo(
+            source=Path(source).name,
+            fingerprint=data_fingerprint,
+            rows=len(df),
+            train_rows=len(prep.train_idx),
+            validation_rows=len(prep.val_idx),
+            calibration_rows=len(prep.calib_idx),
+            anomaly_rows=prep.n_anomalies,
+        ),
+    }
+    written: list[tuple[Manifest, list[str]]] = []
+    dest = out(version) if callable(out) else out
+    path = write_bundle_atomic(
+        dest, lambda tmp: written.append(write_files(tmp, f, head)), overwrite=overwrite
+    )
+    manifest, notes = written[0]
+    return Result(path=path, manifest=manifest, history=f.hist, warnings=[*prep.warnings, *notes])
+
+
+def _fit_all(
+    prep: Prepared,
+    cfg: TrainConfig,
+    progress: bool,
+    init_weights: dict[str, torch.Tensor] | None,
+) -> Fitted:
+    """Fit the exported model (and, when calibration records are too few, the fold models)."""
     layout = layout_of(prep.features)
     normal = encode_columns(prep.features, prep.columns).inputs
     threads = cfg.threads or TRAINING_THREADS
     torch.set_num_threads(threads)
-    val_inputs = _rows(normal, prep.val_idx)
     graph, hist = build_graph(
         layout, normal, prep.train_idx, prep.val_idx, cfg, progress, init_weights
     )
-    _, latent = model_sizes(layout, cfg)
     # too few calibration records to read the threshold off them: score every normal record
     # with models that never saw it (cross-fitting), and calibrate on all of those scores
     oof = (
@@ -327,134 +372,22 @@ def train_bundle(
         if calibrate.needs_tail(len(prep.calib_idx), cfg.target_fpr)
         else None
     )
-
-    calib_inputs = _rows(normal, prep.calib_idx)
     anomaly_inputs = (
         encode_columns(prep.features, prep.anomalies).inputs if prep.n_anomalies else {}
     )
-    name = cfg.name or Path(source).stem or "model"
-    created = datetime.now(UTC)
-    version = version or new_version(created)
-    dest = out(version) if callable(out) else out
-
-    def fill(tmp: Path) -> None:
-        model_path = tmp / MODEL_FILE
-        export_onnx(graph, val_inputs, model_path)
-        session = OnnxModel(model_path, intra_op_threads=threads)
-        max_abs, max_rel = compare(graph, session, _rows(val_inputs, slice(0, COMPARE_ROWS)))
-        calib = session.run(calib_inputs)
-        anom = session.run(anomaly_inputs) if anomaly_inputs else {}
-        normal_scores = oof or calib
-        thresholds: dict[ScoreType, Threshold] = {}
-        distributions: dict[ScoreType, ScoreDistribution] = {}
-        metrics: dict[str, Any] = {
-            "calibration_scores": len(normal_scores[cfg.default_score]),
-            "best_epoch": hist.best_epoch + 1,
-            "epochs_run": len(hist.val_loss),
-            "validation_loss": hist.val_loss[hist.best_epoch],
-            "train_seconds": round(hist.seconds, 3),
-            "warm_started_tensors": hist.warm_started_tensors,
-            "threads": threads,
-        }
-        for st in SCORE_TYPES:
-            value, method, interval = _calibrated(normal_scores[st], cfg.target_fpr, oof)
-            f1 = None
-            if anom:
-                f1_value, f1_best = calibrate.f1_threshold(calib[st], anom[st])
-                f1 = f1_value
-                metrics[f"{st}_roc_auc"] = calibrate.roc_auc(calib[st], anom[st])
-                metrics[f"{st}_average_precision"] = calibrate.average_precision(
-                    calib[st], anom[st]
-                )
-                metrics[f"{st}_f1_best"] = f1_best
-                metrics[f"{st}_recall_at_threshold"] = float((anom[st] > value).mean())
-            thresholds[st] = Threshold(value=value, method=method, f1=f1, fpr_interval=interval)
-            probs, quants = calibrate.distribution(normal_scores[st])
-            distributions[st] = ScoreDistribution(probs=probs, quantiles=quants)
-        st = cfg.default_score
-        explorer, recon = latent_files(
-            tmp,
-            graph.pre,
-            graph.vae,
-            cfg,
-            prep,
-            (calib_inputs, calib[st]),
-            (anomaly_inputs, anom.get(st)),
-        )
-        manifest = Manifest(
-            format_version=FORMAT_VERSION,
-            name=name,
-            version=version,
-            created_at=created,
-            parent_version=parent_version,
-            features=prep.features,
-            ignored_columns=prep.ignored,
-            datetime_columns=prep.datetimes,
-            columns=prep.report,
-            score_types=list(SCORE_TYPES),
-            default_score=cfg.default_score,
-            target_fpr=cfg.target_fpr,
-            thresholds=thresholds,
-            distributions=distributions,
-            metrics=metrics,
-            config={**cfg.to_dict(), "hidden": model_sizes(layout, cfg)[0], "latent": latent},
-            libraries={
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__,
-                "numpy": np.__version__,
-            },
-            data=DataInfo(
-                source=Path(source).name,
-                fingerprint=data_fingerprint,
-                rows=len(df),
-                train_rows=len(prep.train_idx),
-                validation_rows=len(prep.val_idx),
-                calibration_rows=len(prep.calib_idx),
-                anomaly_rows=prep.n_anomalies,
-            ),
-            model=ModelFile(
-                sha256=sha256_file(model_path),
-                inputs=input_names(graph),
-                outputs=session.output_names,
-                opset=OPSET,
-                max_abs_diff=max_abs,
-                max_rel_diff=max_rel,
-            ),
-            reference=build_reference(prep.features, calib_inputs, calib[cfg.default_score]),
-            explorer=explorer,
-        )
-        notes.extend(_precision_note(thresholds[cfg.default_score], cfg.target_fpr, metrics))
-        (tmp / MANIFEST_FILE).write_text(manifest_json(manifest), encoding="utf-8")
-        report.write(tmp, manifest, hist, calib, anom, (calib_inputs, recon))
-        result_manifest.append(manifest)
-
-    result_manifest: list[Manifest] = []
-    notes: list[str] = []
-    path = write_bundle_atomic(dest, fill, overwrite=overwrite)
-    return Result(
-        path=path, manifest=result_manifest[0], history=hist, warnings=[*prep.warnings, *notes]
+    hidden, latent = model_sizes(layout, cfg)
+    return Fitted(
+        cfg,
+        prep,
+        layout,
+        graph,
+        hist,
+        threads,
+        hidden,
+        latent,
+        oof,
+        CROSS_FOLDS if oof else 0,
+        _rows(normal, prep.val_idx),
+        _rows(normal, prep.calib_idx),
+        anomaly_inputs,
     )
-
-
-def _calibrated(
-    scores: np.ndarray, fpr: float, cross_fitted: dict[str, np.ndarray] | None
-) -> tuple[float, str, tuple[float, float]]:
-    """Threshold, how it was estimated, and a 90% interval of its false-positive rate."""
-    value, method = calibrate.threshold_for_fpr(scores, fpr)
-    if cross_fitted:
-        method += f" of out-of-fold scores ({CROSS_FOLDS} folds)"
-    return value, method, calibrate.fpr_interval(scores, fpr)
-
-
-def _precision_note(t: Threshold, fpr: float, metrics: dict[str, Any]) -> list[str]:
-    """A warning when the calibration scores pin the alarm rate down no better than 2x."""
-    lo, hi = t.fpr_interval or (fpr, fpr)
-    if lo >= fpr / 2 and hi <= 2 * fpr:
-        return []
-    return [
-        f"the alarm threshold is imprecise: {metrics['calibration_scores']} calibration scores "
-        f"put its false-positive rate between {lo:.2%} and {hi:.2%} (90%) for a {fpr:.2%} "
-        "target; more normal records would narrow it"
-    ]
