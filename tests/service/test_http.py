@@ -148,6 +148,8 @@ def test_documentation_pages_load_nothing_from_elsewhere(client: httpx.Client) -
             assert r.status_code == 200 and len(r.content) > 500, a
             kind = "javascript" if a.endswith(".js") else "css" if a.endswith(".css") else "png"
             assert kind in r.headers["content-type"], a
+            # nor does a vendored script fetch anything from a CDN once it runs
+            assert not re.search(rb"https?://cdn\.", r.content), a
 
 
 def test_the_openapi_example_scores_as_it_is(client: httpx.Client, bundle_dir: Path) -> None:
