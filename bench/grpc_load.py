@@ -1,67 +1,101 @@
-"""A bounded gRPC load generator for the V2 ``ModelInfer`` call (there is no ghz here).
+"""A bounded gRPC load for the V2 ``ModelInfer`` call, driven by h2load (the C load generator
+of nghttp2: ``apt-get install -y nghttp2-client``), so gRPC is loaded as cheaply as wrk loads
+REST and the server under test keeps the cores.
 
     python bench/grpc_load.py HOST:PORT REQUEST.bin [-c 64] [-d 5]
 
-Keeps ``c`` calls in flight on one asyncio event loop for ``d`` seconds and prints requests/s,
-p50 and p99 (ms). The request is sent as the serialized ``ModelInferRequest`` bytes it is given
-and replies are not decoded, so the client spends as little CPU as it can per call (it is still
-Python: it shares the machine's cores with the server under test, which wrk does far more
-cheaply; compare servers by the server's CPU per request too, as bench/peers/race.py does).
+A unary gRPC call is an HTTP/2 POST: h2load sends the serialized ``ModelInferRequest`` in its
+5-byte gRPC frame (no compression, 4-byte big-endian length) with ``content-type:
+application/grpc`` and ``te: trailers``, ``c`` connections with one call in flight each (as wrk
+does for REST). h2load counts HTTP 200 as success, and a gRPC error is an HTTP 200 too (its
+status is in the trailers, with no message), so every load is checked: one call first with
+grpcio (it must succeed and answer a ``ModelInferResponse``), then the load's received
+message bytes must be exactly one such answer per call h2load counts; else the load fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import re
+import shutil
+import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import grpc
-from grpc import aio
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
-async def load(
-    target: str, request: bytes, conns: int, seconds: float
-) -> tuple[float, list[float]]:
-    """(seconds the load took, latency of each call in seconds); a failed call raises."""
-    latencies: list[float] = []
-    async with aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(METHOD)  # bytes in, bytes out: no (de)serialisation
-        await call(request, timeout=30)  # the connection is up before the clock starts
-        deadline = time.perf_counter() + seconds
+def frame(message: bytes) -> bytes:
+    """A gRPC length-prefixed message: not compressed, 4-byte big-endian length."""
+    return b"\0" + len(message).to_bytes(4, "big") + message
 
-        async def worker() -> None:
-            now = time.perf_counter()
-            while now < deadline:
-                await call(request, timeout=30)
-                done = time.perf_counter()
-                latencies.append(done - now)
-                now = done
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(conns)))
-        elapsed = time.perf_counter() - start
-    return elapsed, latencies
+def call(target: str, request: bytes, timeout: float = 10) -> bytes:
+    """One ``ModelInfer`` call with grpcio (a real client): the serialized response; raises
+    ``grpc.RpcError`` unless the call's status is OK."""
+    with grpc.insecure_channel(target) as channel:
+        answer: bytes = channel.unary_unary(METHOD)(request, timeout=timeout)
+        return answer
+
+
+def h2load(
+    target: str, request: bytes, conns: int, seconds: float, streams: int = 1
+) -> tuple[float, int, int, list[int]]:
+    """(req/s, calls answered, message bytes received, latency of each call in µs) of ``conns``
+    connections with ``streams`` calls in flight each, for ``seconds`` (no warm-up: h2load's
+    byte counts would include the warm-up's, and the check below needs them exact)."""
+    if not shutil.which("h2load"):
+        raise RuntimeError("needs h2load: apt-get install -y nghttp2-client")
+    with tempfile.TemporaryDirectory(prefix="grpc-load-") as tmp:
+        data, log = Path(tmp, "request"), Path(tmp, "log")
+        data.write_bytes(frame(request))
+        args = ["-t", "1", "-c", str(conns), "-m", str(streams), "-D", f"{seconds:g}"]
+        args += ["-d", str(data), "--log-file", str(log)]
+        args += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+        out = subprocess.run(
+            ["h2load", *args, f"http://{target}{METHOD}"],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+        ).stdout
+        found = [
+            re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out),
+            re.search(r"requests: .* (\d+) succeeded, (\d+) failed, (\d+) errored", out),
+            re.search(r"\((\d+)\) data", out),
+        ]
+        if not all(found):
+            raise RuntimeError(f"h2load did not report a load:\n{out}")
+        rate, counts, received = found  # type: ignore[misc]
+        if int(counts[2]) or int(counts[3]):
+            raise RuntimeError(f"h2load: calls failed (not HTTP 200) or errored:\n{out}")
+        lat = [int(line.split("\t")[2]) for line in log.read_text().splitlines()]
+    return float(rate[1]), int(counts[1]), int(received[1]), lat
 
 
 def run(target: str, request: bytes, conns: int, seconds: float) -> tuple[float, float, float, int]:
-    """(requests/s, p50 ms, p99 ms, requests) of ``conns`` concurrent calls for ``seconds``."""
-    elapsed, lat = asyncio.run(load(target, request, conns, seconds))
+    """(requests/s, p50 ms, p99 ms, requests) of ``conns`` concurrent calls for ``seconds``,
+    every one of them checked to have answered what a lone grpcio call answers."""
+    answer = frame(call(target, request))
+    rps, ok, received, lat = h2load(target, request, conns, seconds)
+    if not lat or received != ok * len(answer):
+        missing = ok - received // len(answer)
+        raise RuntimeError(
+            f"{target}: {missing} of {ok} calls came back without the {len(answer)}-byte "
+            f"answer (a gRPC error status: {received} message bytes received)"
+        )
     lat.sort()
-    if not lat:
-        raise RuntimeError(f"no call to {target} was answered")
     p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-    return len(lat) / elapsed, p50 * 1000, p99 * 1000, len(lat)
+    return rps, p50 / 1000, p99 / 1000, ok
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("target", help="host:port")
     p.add_argument("request", type=Path, help="a serialized ModelInferRequest")
-    p.add_argument("-c", "--conns", type=int, default=64, help="calls in flight")
+    p.add_argument("-c", "--conns", type=int, default=64, help="connections, one call each")
     p.add_argument("-d", "--seconds", type=float, default=5)
     a = p.parse_args()
     try:

@@ -3,11 +3,12 @@
 KServe's V2 gRPC API (ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata,
 ModelInfer, with ``contents`` or ``raw_input_contents``), served by a ``grpc.aio`` server on the
 same event loop as the HTTP app, started and stopped in the app's lifespan. A call shares
-everything with REST: the model, the V2 parser (each request is turned into the JSON request it
-stands for), the micro-batcher, the API keys (``authorization: Bearer <key>`` or ``x-api-key``
+everything with REST: the model, the V2 parser (each request is read, from its bytes, into the
+JSON request it stands for: service/grpc_wire.py), the micro-batcher, the API keys (``authorization: Bearer <key>`` or ``x-api-key``
 metadata), the limits (a message over the body limit is refused by gRPC itself, the request
 timeout is the call's deadline) and the metrics (route: the gRPC method). Outputs go back as
-``raw_output_contents``, as Triton sends them.
+``raw_output_contents``, as Triton sends them; the values the model never saw are named in the
+response's ``parameters["unusual_values"]`` (a JSON string, as REST lists them).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import grpc
 from grpc import aio
 from starlette.datastructures import State
 
-from service import __version__, logs, metrics, v2, v2_binary
+from service import __version__, grpc_wire, logs, metrics, v2
 from service.auth import check_key
-from service.errors import BadRequest, NotReady, ServiceError
+from service.errors import NotReady, ServiceError
 from service.middleware import new_request_id
 from service.proto import predict_v2_pb2 as pb
 from service.scoring import Scorer
@@ -42,81 +43,6 @@ CODES = {
     499: grpc.StatusCode.CANCELLED,
     503: grpc.StatusCode.UNAVAILABLE,
 }
-CONTENTS = {  # datatype -> the InferTensorContents field holding it
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-
-
-def _param(p: pb.InferParameter) -> Any:
-    which = p.WhichOneof("parameter_choice")
-    return None if which is None else getattr(p, which)
-
-
-def _data(t: Any, raw: bytes | None) -> list[Any]:
-    """An input tensor's elements, from its raw bytes or its typed contents."""
-    if raw is not None:
-        count = v2_binary.element_count(t.name, list(t.shape))
-        return v2_binary.decode_tensor(t.name, t.datatype, raw, count)
-    field = CONTENTS.get(t.datatype)
-    if field is None:  # FP16 has no typed field: raw contents only
-        raise BadRequest(f"input {t.name!r}: datatype {t.datatype!r} needs raw_input_contents")
-    values = getattr(t.contents, field)
-    if field != "bytes_contents":
-        return list(values)
-    try:
-        return [v.decode("utf-8") for v in values]
-    except UnicodeDecodeError:
-        raise BadRequest(f"input {t.name!r}: a BYTES element is not UTF-8 text") from None
-
-
-def request_json(req: pb.ModelInferRequest) -> tuple[dict[str, Any], int]:
-    """The JSON inference request a gRPC one stands for (parsed by the REST path's parser),
-    and the number of values in it."""
-    raw = req.raw_input_contents
-    if raw and len(raw) != len(req.inputs):
-        raise BadRequest(f"{len(raw)} raw_input_contents for {len(req.inputs)} inputs")
-    inputs = []
-    size = 0
-    for i, t in enumerate(req.inputs):
-        if raw and t.HasField("contents"):
-            raise BadRequest(f"input {t.name!r}: both contents and raw_input_contents")
-        data = _data(t, raw[i] if raw else None)
-        size += len(data)
-        tensor = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape), "data": data}
-        if t.parameters:
-            tensor["parameters"] = {k: _param(v) for k, v in t.parameters.items()}
-        inputs.append(tensor)
-    body: dict[str, Any] = {"inputs": inputs}
-    if req.id:
-        body["id"] = req.id
-    if req.parameters:
-        body["parameters"] = {k: _param(v) for k, v in req.parameters.items()}
-    if req.outputs:
-        body["outputs"] = [{"name": o.name} for o in req.outputs]
-    return body, size
-
-
-def response_message(out: dict[str, Any], arrays: dict[str, Any]) -> pb.ModelInferResponse:
-    resp = pb.ModelInferResponse(
-        model_name=out["model_name"], model_version=out["model_version"], id=out.get("id", "")
-    )
-    resp.parameters["score_type"].string_param = out["parameters"]["score_type"]
-    resp.parameters["threshold"].double_param = out["parameters"]["threshold"]
-    for o in out["outputs"]:
-        resp.outputs.add(name=o["name"], datatype=o["datatype"], shape=o["shape"])
-        resp.raw_output_contents.append(v2_binary.encode(o["datatype"], arrays[o["name"]]))
-    return resp
 
 
 class InferenceService:
@@ -173,12 +99,14 @@ class InferenceService:
         if keys is not None:  # else open: the call's metadata is not even read
             check_key(keys, dict(context.invocation_metadata() or ()))
 
-    async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: bytes, context: Any) -> bytes:
+        """Bytes in, bytes out (service/grpc_wire.py: no protobuf messages on the hot path)."""
         self._check_key(context)
-        scorer = self._model(request.model_name, request.model_version)
-        body, size = request_json(request)
+        req = grpc_wire.read(request)
+        scorer = self._model(req.model_name, req.model_version)
+        body, size = req.json()
         out, arrays = await v2.run_infer(self.state, scorer, self.settings, body, size)
-        return response_message(out, arrays)
+        return grpc_wire.response(out, arrays)
 
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
@@ -239,6 +167,9 @@ async def start(state: State, settings: Settings) -> aio.Server:
     rpc = grpc.unary_unary_rpc_method_handler
     for name, (req, resp) in RPCS.items():
         handler = observed(name, getattr(service, name), settings.request_timeout)
+        if req is None:  # bytes as they come and go
+            handlers[name] = rpc(handler)
+            continue
         handlers[name] = rpc(
             handler, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
         )
@@ -273,5 +204,5 @@ RPCS: dict[str, tuple[Any, Any]] = {
     "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
     "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
     "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+    "ModelInfer": (None, None),  # read and written by service/grpc_wire.py
 }

@@ -9,11 +9,13 @@ ours (native ``/v1/score``, V2 JSON, V2 binary tensors, V2 gRPC), a trivial Fast
 server (custom model, logging as shipped and off), BentoML (async service). Then, round after
 round, loads each endpoint in turn (interleaved, so a busy moment of the shared machine hits
 them all alike): single-record requests at each concurrency (req/s, p50, p99) and 1,000-record
-requests (rows/s); REST with wrk, gRPC with bench/grpc_load.py. Prints medians over the rounds,
-with the server's CPU per request (its process tree's CPU time over the requests answered:
-what a request costs the server, whatever the load generator's own cost). The peers get the
-model's tensors (x_num, x_cat) and answer its score; ours get the records' fields and also
-validate, preprocess, explain and count them.
+requests (rows/s); REST with wrk, gRPC with h2load (bench/grpc_load.py: both C, one thread,
+c connections with one request in flight each). Prints medians over the rounds, with the
+server's CPU per request (its process tree's CPU time over the requests answered: what a
+request costs the server, whatever the load generator's own cost). The peers get the model's
+tensors (x_num, x_cat) and answer its score; ours get the records' fields and also validate,
+preprocess, explain and count them. The "grpcio floor" rows are grpcio servers whose handler
+answers fixed bytes (bench/peers/grpc_floor.py): the most any grpcio endpoint can do here.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the bench scripts beside this folder
+from grpc_load import call as grpc_call  # type: ignore[import-not-found]  # noqa: E402
 from grpc_load import run as grpc_run  # type: ignore[import-not-found]  # noqa: E402
 from microbatch import free_port, wrk  # type: ignore[import-not-found]  # noqa: E402
 
@@ -150,11 +153,14 @@ def servers(bundle: Path, venvs: Path, tmp: Path) -> list[Server]:
         return lambda p: [str(venvs / "mlserver/bin/mlserver"), "start", mlserver_ports(mls[on], p)]
 
     peer = {"PEER_MODEL": onnx, "BENTOML_HOME": str(tmp / "bentoml")}
+    floor = [sys.executable, str(HERE / "grpc_floor.py"), str(floor_response(bundle, tmp))]
     return [
         Server("ours", lambda p: [str(BIN / "vae-anomaly"), "serve", "--bundle", str(bundle),
                "--port", str(p["http"]), "--grpc-port", str(p["grpc"])], ("http", "grpc")),
         Server("trivial", lambda p: [sys.executable, str(HERE.parent / "naive_service.py"),
                "trivial", str(bundle), str(p["http"])]),
+        Server("grpcio floor", lambda p: [*floor, str(p["grpc"])], ("grpc",)),
+        Server("grpcio floor sync", lambda p: [*floor, str(p["grpc"]), "--sync"], ("grpc",)),
         Server("mlserver batching on", ml("on"), ("http", "grpc", "metrics")),
         Server("mlserver batching off", ml("off"), ("http", "grpc", "metrics")),
         Server("kserve logging as shipped", lambda p: ks(p, []), ("http", "grpc"), peer),
@@ -163,6 +169,21 @@ def servers(bundle: Path, venvs: Path, tmp: Path) -> list[Server]:
                "bento_service:Scorer", "--host", "127.0.0.1", "--port", str(p["http"])],
                env=peer, cwd=HERE),
     ]  # fmt: skip
+
+
+def floor_response(bundle: Path, tmp: Path) -> Path:
+    """A file holding what our ``ModelInfer`` answers to one record (the floor servers' answer)."""
+    m = read_bundle(bundle).manifest
+    resp = pb.ModelInferResponse(model_name=m.name, model_version=m.version)
+    resp.parameters["score_type"].string_param = m.default_score
+    resp.parameters["threshold"].double_param = 1.0
+    for name, datatype, raw in (("score", "FP64", 8), ("is_anomaly", "BOOL", 1),
+                                ("percentile", "FP64", 8)):  # fmt: skip
+        resp.outputs.add(name=name, datatype=datatype, shape=[1])
+        resp.raw_output_contents.append(bytes(raw))
+    path = tmp / "floor-response.bin"
+    path.write_bytes(resp.SerializeToString())
+    return path
 
 
 def mlserver_dir(folder: Path, onnx: str, batching: str) -> Path:
@@ -226,6 +247,10 @@ def endpoints(bundle: Path, sizes: list[int]) -> list[Endpoint]:
         Endpoint("ours V2 binary", "ours", "http", INFER.format(m.name), body["v2 binary"]),
         Endpoint("ours V2 gRPC", "ours", "grpc", "grpc", body["v2 grpc"]),
         Endpoint("trivial FastAPI", "trivial", "http", "/v1/score", {1: body["native"][1]}),
+        Endpoint("grpcio floor (aio)", "grpcio floor", "grpc", "grpc", {1: body["v2 grpc"][1]}),
+        Endpoint(
+            "grpcio floor (sync)", "grpcio floor sync", "grpc", "grpc", {1: body["v2 grpc"][1]}
+        ),
     ]
     for s in ("mlserver batching on", "mlserver batching off", "kserve logging as shipped",
               "kserve logging off"):  # fmt: skip
@@ -269,7 +294,7 @@ def once(server: Server, ep: Endpoint) -> None:
     assert server.port is not None
     payload, headers = ep.bodies[min(ep.bodies)]
     if ep.kind == "grpc":
-        grpc_run(f"127.0.0.1:{server.port['grpc']}", payload, 1, 0.01)
+        pb.ModelInferResponse.FromString(grpc_call(f"127.0.0.1:{server.port['grpc']}", payload))
         return
     url = f"http://127.0.0.1:{server.port['http']}{ep.path}"
     req = urllib.request.Request(url, payload, headers, method="POST")

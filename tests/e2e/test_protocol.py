@@ -402,6 +402,89 @@ def test_grpc_errors(server: Server, manifest: Manifest, change: str, code: Any)
     assert e.value.details()
 
 
+def raw_request(df: pd.DataFrame, m: Manifest) -> pb.ModelInferRequest:
+    """A request with ``raw_input_contents``, as tritonclient.grpc sends it."""
+    req = pb.ModelInferRequest(model_name=m.name, id="raw")
+    for f in m.features:
+        if f.name == "device":
+            continue
+        col, t = df[f.name], req.inputs.add(name=f.name, shape=[len(df)])
+        if f.kind == "numeric":
+            t.datatype, blob = "FP64", col.to_numpy("<f8").tobytes()
+        elif f.kind == "boolean":
+            t.datatype, blob = "BOOL", col.to_numpy(bool).astype("u1").tobytes()
+        else:
+            t.datatype = "BYTES"
+            blob = b"".join(
+                len(v).to_bytes(4, "little") + v for v in (str(x).encode() for x in col)
+            )
+        req.raw_input_contents.append(blob)
+    return req
+
+
+def grpc_bytes(server: Server, message: bytes) -> Any:
+    """A ModelInfer call with these bytes as the request message."""
+    with grpc.insecure_channel(server.grpc) as ch:  # type: ignore[attr-defined]
+        infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        return infer(message, metadata=KEY_METADATA, timeout=30)
+
+
+def test_grpc_raw_contents_name_what_the_model_never_saw(
+    server: Server, client: httpx.Client, manifest: Manifest
+) -> None:
+    df = payments(4, seed=79)
+    df.loc[2, "merchant_category"] = "time_travel_agency"
+    resp = pb.ModelInferResponse.FromString(
+        grpc_bytes(server, raw_request(df, manifest).SerializeToString())
+    )
+    assert resp.id == "raw"
+    scores = np.frombuffer(resp.raw_output_contents[0], "<f8")
+    np.testing.assert_allclose(scores, [x["score"] for x in native(client, df)], rtol=1e-6)
+    unusual = orjson.loads(resp.parameters["unusual_values"].string_param)
+    assert (2, "merchant_category", "time_travel_agency") in [
+        (u["index"], u["field"], u["value"]) for u in unusual
+    ]
+    r = client.post(f"/v2/models/{manifest.name}/infer", json=triton_request(df, manifest))
+    assert unusual == r.json()["parameters"]["unusual_values"]  # as REST names them
+
+
+@pytest.mark.parametrize(
+    ("change", "names"),
+    [
+        ("not_a_message", "ModelInferRequest"),
+        ("raw_one_byte_short", "amount"),
+        ("shape_says_more", "amount"),
+        ("bool_not_0_or_1", "card_present"),
+        ("bytes_element_runs_past", "merchant_category"),
+        ("missing_input", "hour"),
+        ("raw_for_no_input", "raw_input_contents"),
+    ],
+)
+def test_grpc_hostile_raw_requests_are_invalid_arguments(
+    server: Server, manifest: Manifest, change: str, names: str
+) -> None:
+    req = raw_request(payments(2, seed=80), manifest)
+    at = {t.name: i for i, t in enumerate(req.inputs)}
+    if change == "raw_one_byte_short":
+        req.raw_input_contents[at["amount"]] = req.raw_input_contents[at["amount"]][:-1]
+    elif change == "shape_says_more":
+        req.inputs[at["amount"]].shape[0] = 3
+    elif change == "bool_not_0_or_1":
+        req.raw_input_contents[at["card_present"]] = b"\x01\x07"
+    elif change == "bytes_element_runs_past":
+        req.raw_input_contents[at["merchant_category"]] = b"\xff\x00\x00\x00abc"
+    elif change == "missing_input":
+        del req.inputs[at["hour"]]
+        del req.raw_input_contents[at["hour"]]
+    elif change == "raw_for_no_input":
+        req.raw_input_contents.append(b"\0" * 8)
+    message = b"\x0a\xff\x01oops" if change == "not_a_message" else req.SerializeToString()
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_bytes(server, message)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert names in e.value.details()
+
+
 def test_grpc_calls_are_counted_as_requests(
     server: Server, client: httpx.Client, manifest: Manifest
 ) -> None:

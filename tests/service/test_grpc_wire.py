@@ -1,0 +1,168 @@
+"""gRPC ``ModelInfer`` messages read and written as bytes (service/grpc_wire.py), in process:
+a request read from its bytes is the request protobuf reads, whatever the bytes; a response
+written by hand is the message protobuf reads back. (The messages are the service's own
+classes: Triton's define the same names, and one process cannot load both.)"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service import grpc_wire
+from service.errors import BadRequest
+from service.proto import predict_v2_pb2 as tpb
+
+
+def request(rid: str = "", params: bool = False, outputs: bool = False) -> Any:
+    """A request as tritonclient sends it: raw contents, one input of each kind."""
+    req = tpb.ModelInferRequest(model_name="payments", model_version="3", id=rid)
+    for name, dt, blob in (
+        ("amount", "FP64", struct.pack("<2d", 12.5, -3.0)),
+        ("count", "INT32", struct.pack("<2i", 7, -1)),
+        ("present", "BOOL", b"\x01\x00"),
+        ("city", "BYTES", b"\x04\x00\x00\x00Oslo\x00\x00\x00\x00"),
+    ):
+        req.inputs.add(name=name, datatype=dt, shape=[2])
+        req.raw_input_contents.append(blob)
+    if params:
+        req.parameters["score_type"].string_param = "recon"
+        req.inputs[0].parameters["unit"].string_param = "EUR"
+    if outputs:
+        req.outputs.add(name="score")
+    return req
+
+
+def slow(message: bytes) -> Any:
+    """What the protobuf message says the request is (or the BadRequest it raises)."""
+    try:
+        return grpc_wire.request_json(grpc_wire.decode(message))
+    except BadRequest as e:
+        return ("BadRequest", e.message)
+
+
+def fast(message: bytes) -> Any:
+    try:
+        return grpc_wire.read(message).json()
+    except BadRequest as e:
+        return ("BadRequest", e.message)
+
+
+@pytest.mark.parametrize("extras", [{}, {"rid": "r-1"}, {"params": True, "outputs": True}])
+def test_a_request_read_from_its_bytes_is_what_protobuf_reads(extras: dict[str, Any]) -> None:
+    message = request(**extras).SerializeToString()
+    body, size = fast(message)
+    assert (body, size) == slow(message)
+    assert size == 8 and body["inputs"][3]["data"] == ["Oslo", ""]
+    assert fast(message) == (body, size)  # the second time from the kept layout
+    head = grpc_wire.read(message)
+    assert (head.model_name, head.model_version, head.message) == ("payments", "3", None)
+
+
+def test_fields_out_of_order_and_typed_contents_are_read_through_protobuf() -> None:
+    req = request(rid="x")
+    message = req.SerializeToString()
+    raw = b"".join(grpc_wire._field(0x3A, r) for r in req.raw_input_contents)
+    del req.raw_input_contents[:]
+    reordered = raw + req.SerializeToString()  # raw contents first: protobuf accepts it
+    assert grpc_wire.read(reordered).message is not None
+    assert fast(reordered) == slow(message)
+    typed = tpb.ModelInferRequest(model_name="payments")
+    typed.inputs.add(name="amount", datatype="FP64", shape=[1]).contents.fp64_contents.append(2.5)
+    assert fast(typed.SerializeToString())[0]["inputs"][0]["data"] == [2.5]
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ("short_fp64", "'amount'"),  # 7 bytes for one FP64
+        ("long_int32", "'count'"),
+        ("bool_byte", "'present'"),
+        ("bytes_cut", "'city'"),
+        ("extra_raw", "5 raw_input_contents for 4 inputs"),
+        ("raw_and_contents", "'amount': both contents and raw_input_contents"),
+        ("negative_shape", "'count'"),
+        ("unknown_datatype", "'count'"),
+        ("garbage", "not a valid ModelInferRequest"),
+        ("truncated", "not a valid ModelInferRequest"),
+    ],
+)
+def test_hostile_requests_are_bad_requests_naming_the_input(change: str, says: str) -> None:
+    req = request()
+    if change == "short_fp64":
+        req.raw_input_contents[0] = b"\0" * 7
+    elif change == "long_int32":
+        req.raw_input_contents[1] += b"\0"
+    elif change == "bool_byte":
+        req.raw_input_contents[2] = b"\x01\x02"
+    elif change == "bytes_cut":
+        req.raw_input_contents[3] = b"\x09\x00\x00\x00Oslo"
+    elif change == "extra_raw":
+        req.raw_input_contents.append(b"")
+    elif change == "raw_and_contents":
+        req.inputs[0].contents.fp64_contents.extend([1.0, 2.0])
+    elif change == "negative_shape":
+        req.inputs[1].shape[0] = -2
+    elif change == "unknown_datatype":
+        req.inputs[1].datatype = "INT128"
+    message = req.SerializeToString()
+    if change == "garbage":
+        message = b"\xff\xff\xff\xff"
+    elif change == "truncated":
+        message = message[:-3]
+    with pytest.raises(BadRequest) as e:
+        grpc_wire.read(message).json()
+    assert says in e.value.message
+    assert slow(message)[0] == "BadRequest"  # protobuf's way refuses it too
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_bytes_read_as_protobuf_reads_them(data: st.DataObject) -> None:
+    """Whatever the bytes (a request cut, spliced, bytes changed): the same request, or a
+    BadRequest, both ways; never another exception."""
+    message = bytearray(request(rid="r", params=data.draw(st.booleans())).SerializeToString())
+    for _ in range(data.draw(st.integers(0, 3))):
+        at = data.draw(st.integers(0, len(message) - 1))
+        message[at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(message)))
+    message = bytes(message[:cut] + data.draw(st.binary(max_size=8)))
+    assert fast(message) == slow(message)
+
+
+def test_a_response_written_by_hand_is_the_message_protobuf_writes() -> None:
+    arrays = {"score": np.array([0.5, 7.25]), "is_anomaly": np.array([False, True])}
+    unusual = [{"index": 1, "field": "city", "value": "Atlantis", "kind": "unknown_category"}]
+    out: dict[str, Any] = {
+        "model_name": "payments",
+        "model_version": "3",
+        "id": "r-9",
+        "parameters": {"score_type": "elbo", "threshold": 1.5, "unusual_values": unusual},
+        "outputs": [
+            {"name": "score", "datatype": "FP64", "shape": [2]},
+            {"name": "is_anomaly", "datatype": "BOOL", "shape": [2]},
+        ],
+    }
+    for _ in range(2):  # the second time from the kept prefix
+        resp = tpb.ModelInferResponse.FromString(grpc_wire.response(out, arrays))
+        assert (resp.model_name, resp.model_version, resp.id) == ("payments", "3", "r-9")
+        assert resp.parameters["score_type"].string_param == "elbo"
+        assert resp.parameters["threshold"].double_param == 1.5
+        assert orjson.loads(resp.parameters["unusual_values"].string_param) == unusual
+        assert [(o.name, o.datatype, list(o.shape)) for o in resp.outputs] == [
+            ("score", "FP64", [2]),
+            ("is_anomaly", "BOOL", [2]),
+        ]
+        assert np.frombuffer(resp.raw_output_contents[0], "<f8").tolist() == [0.5, 7.25]
+        assert list(resp.raw_output_contents[1]) == [0, 1]
+    big = {"score": np.arange(300.0)}  # a length over 127: a two-byte varint
+    out = {**out, "id": "", "parameters": {"score_type": "elbo", "threshold": 1.5}}
+    out["outputs"] = [{"name": "score", "datatype": "FP64", "shape": [300]}]
+    resp = tpb.ModelInferResponse.FromString(grpc_wire.response(out, big))
+    assert np.frombuffer(resp.raw_output_contents[0], "<f8").tolist() == list(range(300))
+    assert resp.id == "" and "unusual_values" not in resp.parameters
