@@ -4,10 +4,10 @@ KServe's V2 gRPC API (ServerLive, ServerReady, ServerMetadata, ModelReady, Model
 ModelInfer, with ``contents`` or ``raw_input_contents``), served by a ``grpc.aio`` server on the
 same event loop as the HTTP app, started and stopped in the app's lifespan. A call shares
 everything with REST: the model, the V2 parser (each request is read, from its bytes, into the
-JSON request it stands for: service/grpc_wire.py), the micro-batcher, the API keys (``authorization: Bearer <key>`` or ``x-api-key``
-metadata), the limits (a message over the body limit is refused by gRPC itself, the request
-timeout is the call's deadline) and the metrics (route: the gRPC method). Outputs go back as
-``raw_output_contents``, as Triton sends them; the values the model never saw are named in the
+JSON request it stands for: service/grpc_wire.py), the micro-batcher, the API keys
+(``authorization: Bearer <key>`` or ``x-api-key`` metadata), the limits (a message over the
+body limit is refused by gRPC itself, the request timeout is the call's deadline) and the
+metrics (route: the gRPC method). Outputs go back as ``raw_output_contents``, as Triton sends them; the values the model never saw are named in the
 response's ``parameters["unusual_values"]`` (a JSON string, as REST lists them).
 """
 
