@@ -7,8 +7,9 @@ everything with REST: the model, the V2 parser (each request is read, from its b
 JSON request it stands for: service/grpc_wire.py), the micro-batcher, the API keys
 (``authorization: Bearer <key>`` or ``x-api-key`` metadata), the limits (a message over the
 body limit is refused by gRPC itself, the request timeout is the call's deadline) and the
-metrics (route: the gRPC method). Outputs go back as ``raw_output_contents``, as Triton sends them; the values the model never saw are named in the
-response's ``parameters["unusual_values"]`` (a JSON string, as REST lists them).
+metrics (route: the gRPC method). Outputs go back as ``raw_output_contents``, as Triton sends
+them; the values the model never saw are named in the response's
+``parameters["unusual_values"]`` (a JSON string, as REST lists them).
 """
 
 from __future__ import annotations
