@@ -2,6 +2,7 @@
 
     bash bench/peers/setup.sh                  # once: the peers' venvs, /work/peer-venvs
     python bench/peers/race.py [--bundle DIR] [--seconds 5] [--rounds 3] [--only ours,trivial]
+        [--endpoints gRPC,native]  # only the endpoints whose labels contain one of these
 
 Starts every server side by side on 127.0.0.1, one process each, onnxruntime at 1 thread:
 ours (native ``/v1/score``, V2 JSON, V2 binary tensors, V2 gRPC), a trivial FastAPI endpoint
@@ -358,6 +359,7 @@ def main() -> int:
     p.add_argument("--big", type=int, default=1000, help="records per big request (0: none)")
     p.add_argument("--big-conns", type=int, default=2)
     p.add_argument("--only", help="comma-separated server names (default: all)")
+    p.add_argument("--endpoints", help="comma-separated parts of endpoint labels (default: all)")
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("--table", type=Path, help="only print a --json file as a Markdown table")
     a = p.parse_args()
@@ -373,7 +375,10 @@ def main() -> int:
     sizes = [1, a.big] if a.big else [1]
     chosen = set(a.only.split(",")) if a.only else None
     srvs = {s.name: s for s in servers(a.bundle, a.venvs, tmp) if not chosen or s.name in chosen}
-    eps = [e for e in endpoints(a.bundle, sizes) if e.server in srvs]
+    parts = a.endpoints.split(",") if a.endpoints else [""]
+    eps = [e for e in endpoints(a.bundle, sizes) if e.server in srvs and
+           any(part in e.label for part in parts)]  # fmt: skip
+    srvs = {name: s for name, s in srvs.items() if any(e.server == name for e in eps)}
     results: dict[tuple[str, int, int], list[tuple[float, float, float, float]]] = {}
     try:
         for s in srvs.values():
