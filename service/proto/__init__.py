@@ -5,4 +5,9 @@ and the protobuf runtime (the ``grpc`` extra), not grpcio-tools and its compiler
 changing the .proto, regenerate them from the repository root with:
 
     python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. service/proto/predict_v2.proto
+
+then change one line of ``predict_v2_pb2.py``: ``_descriptor_pool.Default().AddSerializedFile(``
+to ``_descriptor_pool.DescriptorPool().AddSerializedFile(``. The messages then live in a pool
+of their own: Triton's and KServe's Python packages define the same names (package
+``inference``) in the default pool, and a process that loads both would fail at import.
 """

@@ -1,7 +1,7 @@
 """gRPC ``ModelInfer`` messages read and written as bytes (service/grpc_wire.py), in process:
 a request read from its bytes is the request protobuf reads, whatever the bytes; a response
-written by hand is the message protobuf reads back. (The messages are the service's own
-classes: Triton's define the same names, and one process cannot load both.)"""
+written by hand is the message protobuf reads back. The messages are built and read with
+Triton's own classes (tritonclient), not the server's."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2 as tpb  # same message names as the server's
 
 from service import grpc_wire
 from service.errors import BadRequest
-from service.proto import predict_v2_pb2 as tpb
+from service.proto import predict_v2_pb2
 
 
 def request(rid: str = "", params: bool = False, outputs: bool = False) -> Any:
@@ -166,3 +167,11 @@ def test_a_response_written_by_hand_is_the_message_protobuf_writes() -> None:
     resp = tpb.ModelInferResponse.FromString(grpc_wire.response(out, big))
     assert np.frombuffer(resp.raw_output_contents[0], "<f8").tolist() == list(range(300))
     assert resp.id == "" and "unusual_values" not in resp.parameters
+
+
+def test_the_service_messages_load_beside_triton_s() -> None:
+    """Both define ``inference.ModelInferRequest``: the service's live in a pool of their own,
+    so a process may load both (it could not: duplicate symbol at import)."""
+    req = request(rid="both")
+    ours = predict_v2_pb2.ModelInferRequest.FromString(req.SerializeToString())
+    assert ours.id == "both" and ours.SerializeToString() == req.SerializeToString()
