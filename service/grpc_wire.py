@@ -6,8 +6,8 @@ than validating it (each field access on a message is a call into the protobuf r
 request sent as serializers write it (fields in number order) with ``raw_input_contents`` (as
 tritonclient sends it) is read straight from its bytes: the model name, version and id, then
 the part describing the tensors (request parameters, inputs, requested outputs), worked out
-once per distinct part and kept (a client sends the same part call after call), then each
-input's raw bytes. Anything else (typed ``contents``, another field order, a malformed message)
+once per distinct part and kept (a client sends the same part call after call; only parts of
+up to 4 KiB, a few dozen of them), then each input's raw bytes. Anything else (typed ``contents``, another field order, a malformed message)
 is read through the protobuf message, as before; both ways give the same request.
 
 A response is a message prefix kept per (model, score type, threshold, outputs, records),
@@ -46,6 +46,7 @@ CONTENTS = {  # datatype -> the InferTensorContents field holding it
 NAME, VERSION, ID, PARAMETERS, INPUTS, OUTPUTS, RAW = 0x0A, 0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A
 LAYOUT = (PARAMETERS, INPUTS, OUTPUTS)
 CACHED = 64  # distinct request layouts / response prefixes kept (a few clients send a few each)
+KEPT_LAYOUT_BYTES = 4096  # a bigger tensors' part is read every time: the cache stays small
 
 
 def decode(message: bytes) -> pb.ModelInferRequest:
@@ -158,9 +159,10 @@ class Request:
         layout = _layouts.get(self.layout)
         if layout is None:
             layout = Layout.read(self.layout)  # a bad part raises: it is never kept
-            if len(_layouts) >= CACHED:
-                _layouts.clear()
-            _layouts[self.layout] = layout
+            if len(self.layout) <= KEPT_LAYOUT_BYTES:
+                if len(_layouts) >= CACHED:
+                    _layouts.clear()
+                _layouts[self.layout] = layout
         if len(self.raw) != len(layout.inputs):
             raise BadRequest(f"{len(self.raw)} raw_input_contents for {len(layout.inputs)} inputs")
         inputs, size = [], 0

@@ -65,6 +65,20 @@ def test_a_request_read_from_its_bytes_is_what_protobuf_reads(extras: dict[str, 
     assert (head.model_name, head.model_version, head.message) == ("payments", "3", None)
 
 
+def test_only_small_layouts_are_kept() -> None:
+    """A client sending ever new, big tensors' parts (parameters of up to the body limit)
+    cannot grow the kept layouts: a part over 4 KiB is read each time, never kept."""
+    grpc_wire._layouts.clear()
+    for i in range(3):
+        req = request()
+        req.parameters["padding"].string_param = f"{i}" * 5000
+        body, _ = fast(req.SerializeToString())
+        assert body["parameters"]["padding"] == f"{i}" * 5000
+    assert not grpc_wire._layouts
+    fast(request().SerializeToString())
+    assert len(grpc_wire._layouts) == 1
+
+
 def test_fields_out_of_order_and_typed_contents_are_read_through_protobuf() -> None:
     req = request(rid="x")
     message = req.SerializeToString()
