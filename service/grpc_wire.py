@@ -7,8 +7,9 @@ request sent as serializers write it (fields in number order) with ``raw_input_c
 tritonclient sends it) is read straight from its bytes: the model name, version and id, then
 the part describing the tensors (request parameters, inputs, requested outputs), worked out
 once per distinct part and kept (a client sends the same part call after call; only parts of
-up to 4 KiB, a few dozen of them), then each input's raw bytes. Anything else (typed ``contents``, another field order, a malformed message)
-is read through the protobuf message, as before; both ways give the same request.
+up to 4 KiB, a few dozen of them), then each input's raw bytes. Anything else (typed
+``contents``, another field order, a malformed message) is read through the protobuf message,
+as before; both ways give the same request.
 
 A response is a message prefix kept per (model, score type, threshold, outputs, records),
 then the parts that change per call appended as protobuf fields: the values the model never
