@@ -63,7 +63,7 @@ def _param(p: pb.InferParameter) -> Any:
     return None if which is None else getattr(p, which)
 
 
-def _data(t: Any, raw: bytes | None) -> list[Any]:
+def _data(t: Any, raw: bytes | None) -> Any:
     """An input tensor's elements, from its raw bytes or its typed contents."""
     if raw is not None:
         count = v2_binary.element_count(t.name, list(t.shape))
