@@ -48,6 +48,12 @@ DTYPES: dict[str, np.dtype[Any]] = {
     }.items()
 }
 _LENGTH = struct.Struct("<I")
+# tensors of at most FEW elements are read with struct on the hot path: numpy's fixed cost per
+# call (frombuffer, the finiteness check, the cast: ~0.5 us) is more than a few Python numbers
+FEW = 16
+_unpackers: dict[tuple[str, int], Any] = {}
+CODES = {"INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q", "UINT8": "B", "UINT16": "H"}
+CODES |= {"UINT32": "I", "UINT64": "Q", "FP16": "e", "FP32": "f", "FP64": "d"}  # struct's
 
 
 def element_count(name: str, shape: Any) -> int:
@@ -150,14 +156,15 @@ def decode_inputs(inputs: list[dict[str, Any]], body: bytes, pos: int) -> None:
 
 def fast_columns(
     inputs: list[dict[str, Any]], body: bytes, pos: int, kinds: Mapping[str, str], max_len: int
-) -> dict[str, np.ndarray | list[str]] | None:
+) -> dict[str, np.ndarray | list[Any]] | None:
     """The columns of binary inputs in their usual form, decoded and checked array-wide in one
-    pass (the hot path: no per-element Python work for numbers and booleans): every input a
+    pass (the hot path: no per-element Python work for numbers and booleans, but for a few of
+    them, see ``FEW``): every input a
     binary tensor of shape ``[N]`` for a feature of ``kinds`` (name -> numeric, boolean or
     categorical), numbers in any numeric datatype (floats finite) as float64, booleans as
     BOOL, categoricals as BYTES (within ``max_len``). None when anything is otherwise: then
     :func:`decode_inputs` and the parser's closer look give the same values, or the error."""
-    columns: dict[str, np.ndarray | list[str]] = {}
+    columns: dict[str, np.ndarray | list[Any]] = {}
     end = len(body)
     for t in inputs:
         name, shape, params = t.get("name"), t.get("shape"), t.get("parameters")
@@ -179,7 +186,7 @@ def fast_columns(
 
 def _usual(
     kind: str, dt: Any, body: bytes, pos: int, size: int, count: int
-) -> np.ndarray | list[str] | None:
+) -> np.ndarray | list[Any] | None:
     """One input's values for :func:`fast_columns`, or None."""
     if count < 0:
         return None
@@ -196,11 +203,26 @@ def _usual(
     if dt == "BOOL":
         if body[pos : pos + size].translate(None, b"\x00\x01"):  # a byte other than 0 or 1
             return None
+        if count <= FEW:
+            return [b == 1 for b in body[pos : pos + size]]
         return np.frombuffer(body, np.bool_, count, pos)
+    if count <= FEW:
+        return _few(dt, body, pos, count)
     values = np.frombuffer(body, dtype, count, pos)
     if dt[0] == "F" and not finite(values):
         return None
     return values.astype(np.float64)
+
+
+def _few(dt: str, body: bytes, pos: int, count: int) -> list[float] | None:
+    """A few numbers as floats (as JSON's would be), or None if one is not finite."""
+    unpack = _unpackers.get((dt, count))
+    if unpack is None:
+        unpack = _unpackers[dt, count] = struct.Struct(f"<{count}{CODES[dt]}").unpack_from
+    values = unpack(body, pos)
+    if dt[0] != "F":
+        return [float(v) for v in values]
+    return list(values) if math.isfinite(sum(values)) else None
 
 
 def finite(a: np.ndarray) -> bool:
