@@ -207,22 +207,17 @@ def _usual(
             return [b == 1 for b in body[pos : pos + size]]
         return np.frombuffer(body, np.bool_, count, pos)
     if count <= FEW:
-        return _few(dt, body, pos, count)
+        unpack = _unpackers.get((dt, count))
+        if unpack is None:
+            unpack = _unpackers[dt, count] = struct.Struct(f"<{count}{CODES[dt]}").unpack_from
+        few = unpack(body, pos)
+        if dt[0] != "F":
+            return [float(v) for v in few]  # as JSON's numbers would be
+        return list(few) if math.isfinite(sum(few)) else None
     values = np.frombuffer(body, dtype, count, pos)
     if dt[0] == "F" and not finite(values):
         return None
     return values.astype(np.float64)
-
-
-def _few(dt: str, body: bytes, pos: int, count: int) -> list[float] | None:
-    """A few numbers as floats (as JSON's would be), or None if one is not finite."""
-    unpack = _unpackers.get((dt, count))
-    if unpack is None:
-        unpack = _unpackers[dt, count] = struct.Struct(f"<{count}{CODES[dt]}").unpack_from
-    values = unpack(body, pos)
-    if dt[0] != "F":
-        return [float(v) for v in values]
-    return list(values) if math.isfinite(sum(values)) else None
 
 
 def finite(a: np.ndarray) -> bool:

@@ -8,6 +8,7 @@ take requests are in :mod:`service.v2`; binary tensors are decoded by :mod:`serv
 from __future__ import annotations
 
 import math
+from itertools import repeat
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -79,7 +80,7 @@ class _Plan:
         self.score_types = frozenset(m.score_types)
         # the inputs binary tensors may fill on the fast path: the features sent as they are
         self.kinds = {k: f.kind for k, f in self.feats.items() if not isinstance(f, DateTimeColumn)}
-        self.required = [k for k, f in self.feats.items() if not f.nullable]
+        self.required = {k for k, f in self.feats.items() if not f.nullable}
 
 
 _plans: dict[tuple[str, str], _Plan] = {}
@@ -253,7 +254,7 @@ def parse(
     if rid is not None and not isinstance(rid, str):
         raise BadRequest(f"'id' must be a string, got {type(rid).__name__}")
     inputs = body.get("inputs")
-    if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
+    if not isinstance(inputs, list) or not all(map(isinstance, inputs, repeat(dict))):
         raise BadRequest("'inputs' must be a list of tensor objects")
     params = body.get("parameters")
     if params is None:
@@ -268,12 +269,12 @@ def parse(
     if tail is not None:
         max_len = settings.max_string_length
         columns = v2_binary.fast_columns(inputs, *tail, plan.kinds, max_len)
-        if columns is None or not all(k in columns for k in plan.required):
+        if columns is None or not columns.keys() >= plan.required:
             v2_binary.decode_inputs(inputs, *tail)
             columns = None
     if columns is None:
         columns = _columns(inputs, plan, settings)
-    lengths = {len(c) for c in columns.values()}
+    lengths = set(map(len, columns.values()))
     if len(lengths) > 1:
         raise BadRequest(f"inputs have different lengths {sorted(lengths)}")
     n = lengths.pop() if lengths else 0
