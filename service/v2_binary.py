@@ -118,7 +118,8 @@ def _decode_bytes(name: str, raw: bytes | memoryview, count: int) -> list[Any]:
 def split_request(body: bytes, header_length: str) -> tuple[Any, int]:
     """(the JSON part of a binary REST request, parsed; where its tensors' bytes start); or
     raise BadRequest."""
-    if not header_length.isdigit() or int(header_length) > len(body):
+    # isdigit() alone takes "²" (a Latin-1 header byte) for a digit, which int() refuses
+    if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
         raise BadRequest(
             f"header Inference-Header-Content-Length must be a byte count within the body "
             f"({len(body)} bytes), got {header_length[:40]!r}"
