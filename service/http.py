@@ -100,10 +100,10 @@ async def score_in(
     score_type: str | None,
     records: list[Any] | None = None,
 ) -> Scored:
-    """Score through the micro-batcher (small requests) or directly in a thread (large ones),
-    then offer the records (``records``: the id columns of each, if any) to the sink. Never
-    on the event loop. (``state``: the app's, for the batcher and the sink; gRPC calls come
-    here too.)"""
+    """Score through the micro-batcher (small requests: small batches on the event loop,
+    larger ones on its thread) or directly in a thread (large ones), then offer the records
+    (``records``: the id columns of each, if any) to the sink. (``state``: the app's, for the
+    batcher and the sink; gRPC calls come here too.)"""
     batcher: MicroBatcher | None = state.batcher
     if batcher is not None and n < batcher.max_batch:
         scored = await batcher.score(scorer, columns, n, score_type)

@@ -5,7 +5,8 @@ takes all of them (up to ``max_batch`` records), so under load calls grow by the
 lone request goes straight through. ``max_wait`` (seconds) adds a short wait for more requests,
 but only while requests are arriving concurrently (the previous batch held more than one).
 Validation happens before a request joins the queue, so a bad record fails only its own
-request; results go back to each caller in its own order.
+request; results go back to each caller in its own order. Small batches are scored on the
+event loop itself, larger ones on the batcher's own thread (see ``INLINE_RECORDS``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from typing import Any
 
 from service import metrics
 from service.scoring import Scored, Scorer
+
+# batches of at most this many records are scored on the event loop: a hop to the scoring
+# thread and back costs more than such a batch, and while a batch is being scored the loop
+# has nothing else to do (requests come back-to-back: every pending one is in the batch);
+# larger batches (bulk requests, at most max_batch records) go to the thread
+INLINE_RECORDS = 64
 
 
 @dataclass
@@ -88,13 +95,14 @@ class MicroBatcher:
             self.last_batch_requests = len(batch)
             if not batch:
                 continue
+            requests = [(i.columns, i.score_type) for i in batch]
             try:
-                results = await asyncio.get_running_loop().run_in_executor(
-                    self.executor,
-                    metrics.scored,
-                    batch[0].scorer,
-                    [(i.columns, i.score_type) for i in batch],
-                )
+                if sum(i.n for i in batch) <= INLINE_RECORDS:
+                    results = metrics.scored(batch[0].scorer, requests)
+                else:
+                    results = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, metrics.scored, batch[0].scorer, requests
+                    )
             except Exception as e:  # e.g. onnxruntime failed: every caller in the batch hears it
                 for i in batch:
                     if not i.future.done():

@@ -91,16 +91,10 @@ def done(scope: Scope, status: int, elapsed: float) -> None:
     """Count and log one request, by its route's template (``unmatched`` when none matched)."""
     route = getattr(scope.get("route"), "path", None) or "unmatched"
     metrics.request_done(scope["method"], route, status, elapsed)
-    if route not in QUIET_ROUTES and log.isEnabledFor(logging.INFO):
-        log.info(
-            "request",
-            extra={
-                "method": scope["method"],
-                "route": route,
-                "status": status,
-                "duration_ms": round(elapsed * 1000, 3),
-            },
-        )
+    if route not in QUIET_ROUTES:
+        ms = round(elapsed * 1000, 3)
+        fields = {"method": scope["method"], "route": route, "status": status, "duration_ms": ms}
+        logs.info_line(log, "request", fields)
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -102,8 +102,9 @@ class Scorer:
         if len(requests) == 1:
             columns: Mapping[str, Sequence[Any] | np.ndarray] = requests[0][0]
         else:
+            categorical = self.encode.index
             columns = {
-                k: list(chain.from_iterable(cols[k] for cols, _ in requests))
+                k: _joined([cols[k] for cols, _ in requests], k in categorical)
                 for k in self.feature_names
             }
         enc = self.encode(columns)
@@ -162,6 +163,18 @@ class Scorer:
             path = self.bundle.model_path
             raise BundleError(f"{path}: warm-up failed: {type(e).__name__}: {e}") from e
         self.ready = True
+
+
+def _joined(parts: list[Sequence[Any] | np.ndarray], categorical: bool) -> Sequence[Any]:
+    """One feature's values over a batch's requests. Lists (JSON) are chained; when a request
+    gave an array (binary tensors: numbers, booleans), the numbers are joined as one float
+    array (a list's None is NaN there: missing, as the encoder reads it)."""
+    if all(type(p) is list for p in parts):
+        return list(chain.from_iterable(parts))
+    if categorical:
+        return list(chain.from_iterable(p.tolist() if type(p) is np.ndarray else p for p in parts))
+    arrays = [p if type(p) is np.ndarray else np.asarray(p, dtype=np.float64) for p in parts]
+    return np.concatenate(arrays)  # type: ignore[return-value]
 
 
 def _rows(

@@ -37,6 +37,7 @@ from service.scoring import Scored, Scorer
 from service.settings import Settings
 from service.v2_request import (
     OUTPUTS,
+    Column,
     Datatype,
     Parsed,
     client_inputs,
@@ -163,7 +164,7 @@ async def model_ready(name: str, scorer: ScorerDep, version: str | None = None) 
     return Response(status_code=200)
 
 
-def unusual_values(m: Manifest, scored: Scored, columns: dict[str, list[Any]]) -> list[Any]:
+def unusual_values(m: Manifest, scored: Scored, columns: dict[str, Column]) -> list[Any]:
     """The values the model never saw, as ``parameters.unusual_values``: a list of
     ``{"index", "field", "value", "kind", "why"}`` (index: the record's position)."""
     feats = {f.name: f for f in m.features}
@@ -239,9 +240,8 @@ async def infer(request: Request) -> Response:
     # the header, not the content type, says a body is binary (clients send either type)
     if header is None:  # JSON: a big body is parsed in the parser process (service/http.py)
         parsed = await parse_body(request, raw, parse, scorer.manifest, settings)
-    else:
-        body = await offload(len(raw) >> 10, v2_binary.decode_request, raw, header)
-        parsed = await offload(_size(body), parse, body, scorer.manifest, settings)
+    else:  # decoded to arrays, validated array-wide: inline up to ~8 KiB (~2,000 BYTES values)
+        parsed = await offload(len(raw) >> 7, _parse_binary, raw, header, scorer.manifest, settings)
     out, arrays = await respond(request.app.state, scorer, parsed)
     binary = parsed[-1]
     if not binary:
@@ -254,6 +254,11 @@ async def infer(request: Request) -> Response:
     )
 
 
+def _parse_binary(raw: bytes, header: str, m: Manifest, settings: Settings) -> Parsed:
+    request, split = v2_binary.split_request(raw, header)
+    return parse(request, m, settings, (raw, split))
+
+
 def _size(body: Any) -> int:
     """Values in a request (to decide where to validate it), without looking inside them."""
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
@@ -261,7 +266,7 @@ def _size(body: Any) -> int:
     return sum(
         len(t["data"])
         for t in body["inputs"]
-        if isinstance(t, dict) and isinstance(t.get("data"), list)
+        if isinstance(t, dict) and isinstance(t.get("data"), list | np.ndarray)
     )
 
 

@@ -8,7 +8,10 @@ take requests are in :mod:`service.v2`; binary tensors are decoded by :mod:`serv
 from __future__ import annotations
 
 import math
+from itertools import repeat
 from typing import Any, Literal, get_args
+
+import numpy as np
 
 from service import timefeatures, v2_binary, values
 from service.bundle import (
@@ -35,6 +38,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
 DATATYPES = frozenset(get_args(Datatype))
 NUMERIC_TYPES = DATATYPES - {"BOOL", "BYTES"}
 OUTPUTS = {"score": "FP64", "is_anomaly": "BOOL", "percentile": "FP64"}
+Column = list[Any] | np.ndarray  # a feature's values: a list, or an array (binary tensors)
 
 
 def feature_datatype(
@@ -74,6 +78,9 @@ class _Plan:
         self.known = frozenset(self.feats) | frozenset(m.ignored_columns)
         self.columns = [*self.feats, *timefeatures.derived_names(m)]
         self.score_types = frozenset(m.score_types)
+        # the inputs binary tensors may fill on the fast path: the features sent as they are
+        self.kinds = {k: f.kind for k, f in self.feats.items() if not isinstance(f, DateTimeColumn)}
+        self.required = {k for k, f in self.feats.items() if not f.nullable}
 
 
 _plans: dict[tuple[str, str], _Plan] = {}
@@ -134,7 +141,9 @@ def _column(
 ) -> list[Any]:
     """A feature's tensor as values, by the rules of service/values.py (whatever the datatype:
     ``BYTES`` ``["yes"]`` for a boolean, ``INT64`` for a categorical are values too)."""
-    name, dt = f.name, t.get("datatype")
+    name, dt, data = f.name, t.get("datatype"), t.get("data")
+    if isinstance(data, np.ndarray):  # a binary tensor: its values as a JSON one's
+        data = data.tolist()
     if not isinstance(dt, str) or dt not in DATATYPES:
         raise BadRequest(f"input {name!r}: unknown datatype {dt!r}")
     if isinstance(f, DateTimeColumn) and dt not in _datatypes(f):
@@ -148,7 +157,7 @@ def _column(
         or (len(shape) == 2 and shape[1] != 1)
     ):
         raise BadRequest(f"input {name!r}: shape must be [N] or [N, 1], got {shape!r}")
-    data = _flatten(t.get("data"), len(shape))
+    data = _flatten(data, len(shape))
     if len(data) != shape[0]:
         raise BadRequest(
             f"input {name!r}: shape {shape} holds {shape[0]} values, data has {len(data)}"
@@ -180,14 +189,16 @@ LIMITS = {"FP32": 3.4028234663852886e38, "INT64": 2**63 - 1, "INT32": 2**31 - 1}
 
 def _fast_column(
     f: NumericFeature | BooleanFeature | CategoricalFeature, t: dict[str, Any], max_len: int
-) -> list[Any] | None:
+) -> Column | None:
     """The values of a tensor that is plainly valid (shape ``[N]``, a flat list of N values of
     the feature's usual datatype, exact Python types, no nulls, numbers finite and within the
     datatype's range, strings within the limit); None if it needs :func:`_column`'s closer
     look. A subset of what ``_column`` accepts, with the same values. (Written for speed: this
     runs for every tensor the service scores.)"""
-    types = FAST_TYPES[f.kind].get(t.get("datatype"))  # type: ignore[arg-type]
     data, shape = t.get("data"), t.get("shape")
+    if type(data) is np.ndarray:
+        return _array_column(f, t["datatype"], data, shape)
+    types = FAST_TYPES[f.kind].get(t.get("datatype"))  # type: ignore[arg-type]
     if (
         types is None
         or type(data) is not list
@@ -210,19 +221,40 @@ def _fast_column(
     return [float(v) for v in data]
 
 
-Parsed = tuple[dict[str, list[Any]], int, str | None, list[str], str | None, set[str]]
+def _array_column(
+    f: NumericFeature | BooleanFeature | CategoricalFeature, dt: str, data: np.ndarray, shape: Any
+) -> np.ndarray | None:
+    """The values of a binary tensor that is plainly valid, array-wide: numbers (any numeric
+    datatype, floats finite) for a numeric feature, as float64; BOOL for a boolean one. None if
+    it needs :func:`_column`'s closer look (which gives the same values, or the error). A binary
+    tensor's datatype, shape and length are already consistent (service/v2_binary.py)."""
+    if not (
+        type(shape) is list
+        and (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1))
+        and shape[0] == len(data)
+    ):
+        return None
+    if f.kind == "numeric" and dt in NUMERIC_TYPES:
+        return data.astype(np.float64) if dt[0] != "F" or v2_binary.finite(data) else None
+    return data if f.kind == "boolean" and dt == "BOOL" else None
 
 
-def parse(body: Any, m: Manifest, settings: Settings) -> Parsed:
+Parsed = tuple[dict[str, Column], int, str | None, list[str], str | None, set[str]]
+
+
+def parse(
+    body: Any, m: Manifest, settings: Settings, tail: tuple[bytes, int] | None = None
+) -> Parsed:
     """Validate an inference request: (columns, records, score type, output names, id, the
-    outputs wanted as binary data)."""
+    outputs wanted as binary data). ``tail``: a binary request's body and where its tensors'
+    bytes start (service/v2_binary.py)."""
     if not isinstance(body, dict):
         raise BadRequest("the inference request must be a JSON object")
     rid = body.get("id")
     if rid is not None and not isinstance(rid, str):
         raise BadRequest(f"'id' must be a string, got {type(rid).__name__}")
     inputs = body.get("inputs")
-    if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
+    if not isinstance(inputs, list) or not all(map(isinstance, inputs, repeat(dict))):
         raise BadRequest("'inputs' must be a list of tensor objects")
     params = body.get("parameters")
     if params is None:
@@ -233,26 +265,16 @@ def parse(body: Any, m: Manifest, settings: Settings) -> Parsed:
     score_type = params.get("score_type")
     if score_type is not None and score_type not in plan.score_types:
         raise BadRequest(f"parameter score_type must be one of {m.score_types}")
-    by_name = _by_name(inputs)
-    feats = plan.feats
-    if settings.unknown_fields == "reject" and not by_name.keys() <= plan.known:
-        unknown = sorted(by_name.keys() - plan.known)
-        raise BadRequest(f"unknown input(s) {unknown}; the model's inputs are {sorted(feats)}")
-    columns: dict[str, list[Any]] = {}
-    for fname, f in feats.items():
-        if fname in by_name and isinstance(f, DateTimeColumn):
-            columns[fname] = _column(f, by_name[fname], settings.max_string_length)
-            try:
-                columns.update(timefeatures.derive_column(columns[fname], f))
-            except timefeatures.NotADateTime as e:
-                raise BadRequest(e.message) from None
-        elif fname in by_name and not isinstance(f, DateTimeColumn):
-            t, max_len = by_name[fname], settings.max_string_length
-            fast = _fast_column(f, t, max_len)
-            columns[fname] = fast if fast is not None else _column(f, t, max_len)
-        elif not f.nullable:
-            raise BadRequest(f"input {fname!r} is required")
-    lengths = {len(c) for c in columns.values()}
+    columns: dict[str, Column] | None = None
+    if tail is not None:
+        max_len = settings.max_string_length
+        columns = v2_binary.fast_columns(inputs, *tail, plan.kinds, max_len)
+        if columns is None or not columns.keys() >= plan.required:
+            v2_binary.decode_inputs(inputs, *tail)
+            columns = None
+    if columns is None:
+        columns = _columns(inputs, plan, settings)
+    lengths = set(map(len, columns.values()))
     if len(lengths) > 1:
         raise BadRequest(f"inputs have different lengths {sorted(lengths)}")
     n = lengths.pop() if lengths else 0
@@ -263,6 +285,30 @@ def parse(body: Any, m: Manifest, settings: Settings) -> Parsed:
             columns.setdefault(fname, [None] * n)
     names = _output_names(body.get("outputs"))
     return columns, n, score_type, names, rid, v2_binary.binary_outputs(body, names)
+
+
+def _columns(inputs: list[dict[str, Any]], plan: _Plan, settings: Settings) -> dict[str, Column]:
+    """The columns of the inputs (JSON data, or binary decoded): by feature, validated."""
+    by_name = _by_name(inputs)
+    feats = plan.feats
+    if settings.unknown_fields == "reject" and not by_name.keys() <= plan.known:
+        unknown = sorted(by_name.keys() - plan.known)
+        raise BadRequest(f"unknown input(s) {unknown}; the model's inputs are {sorted(feats)}")
+    columns: dict[str, Column] = {}
+    for fname, f in feats.items():
+        if fname in by_name and isinstance(f, DateTimeColumn):
+            columns[fname] = raw = _column(f, by_name[fname], settings.max_string_length)
+            try:
+                columns.update(timefeatures.derive_column(raw, f))
+            except timefeatures.NotADateTime as e:
+                raise BadRequest(e.message) from None
+        elif fname in by_name and not isinstance(f, DateTimeColumn):
+            t, max_len = by_name[fname], settings.max_string_length
+            fast = _fast_column(f, t, max_len)
+            columns[fname] = fast if fast is not None else _column(f, t, max_len)
+        elif not f.nullable:
+            raise BadRequest(f"input {fname!r} is required")
+    return columns
 
 
 def _by_name(inputs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -1,5 +1,6 @@
 """The V2 hot path in process (fast tier): what the parser works out once per model follows
-the model being served, and micro-batches are scored on the batcher's own thread."""
+the model being served; small micro-batches are scored on the event loop, large ones on the
+batcher's own thread; a batch mixing JSON lists and binary arrays scores each as alone."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from service.bundle import read_bundle
 from service.errors import BadRequest
-from service.microbatch import MicroBatcher
+from service.microbatch import INLINE_RECORDS, MicroBatcher
 from service.scoring import Scorer
 from service.settings import Settings
 from service.v2_request import parse as _parse
@@ -53,32 +55,65 @@ def test_the_parser_follows_the_model_being_served(bundle_dir: Path) -> None:
     assert n == 3 and dropped.name not in columns
 
 
-def test_micro_batches_run_on_the_batchers_own_thread(bundle_dir: Path) -> None:
+def test_small_batches_are_scored_on_the_loop_and_large_ones_on_the_batchers_thread(
+    bundle_dir: Path,
+) -> None:
     scorer = Scorer(bundle_dir)
     scorer.warm_up()
-    threads: set[str] = set()
+    threads: list[tuple[str, int]] = []
     score_many = scorer.score_many
 
-    def recording(*args: Any, **kw: Any) -> Any:
-        threads.add(threading.current_thread().name)
-        return score_many(*args, **kw)
+    def recording(requests: Any) -> Any:
+        rows = sum(len(next(iter(c.values()))) for c, _ in requests)
+        threads.append((threading.current_thread().name, rows))
+        return score_many(requests)
 
     scorer.score_many = recording  # type: ignore[method-assign]
     rows = records(generate_payments(12, seed=5))
-    columns = [{f.name: [r.get(f.name)] for f in scorer.manifest.features} for r in rows]
+    single = [{f.name: [r.get(f.name)] for f in scorer.manifest.features} for r in rows]
+    big = records(generate_payments(INLINE_RECORDS + 1, seed=6))
+    bulk = {f.name: [r.get(f.name) for r in big] for f in scorer.manifest.features}
 
-    async def run() -> list[float]:
-        batcher = MicroBatcher(64, 0)
+    async def run() -> tuple[list[float], str]:
+        batcher = MicroBatcher(256, 0)
         batcher.start()
         try:
-            results = await asyncio.gather(*(batcher.score(scorer, c, 1, None) for c in columns))
+            results = await asyncio.gather(*(batcher.score(scorer, c, 1, None) for c in single))
+            await batcher.score(scorer, bulk, len(big), None)
         finally:
             await batcher.stop()
         with pytest.raises(RuntimeError):  # stopped: its thread is released
             batcher.executor.submit(print)
-        return [float(r.score[0]) for r in results]
+        return [float(r.score[0]) for r in results], threading.current_thread().name
 
-    scores = asyncio.run(run())
-    assert threads and all(t.startswith("microbatch") for t in threads)
-    alone = [float(Scorer.score(scorer, c, None).score[0]) for c in columns]
+    scores, loop_thread = asyncio.run(run())
+    assert (loop_thread, 12) in threads  # the 12 requests in one batch, on the event loop
+    assert [t for t, n in threads if n > INLINE_RECORDS] == ["microbatch_0"]
+    alone = [float(Scorer.score(scorer, c, None).score[0]) for c in single]
     assert scores == pytest.approx(alone, rel=1e-6)  # each caller gets its own record's score
+
+
+def test_a_batch_of_json_and_binary_requests_scores_each_as_alone(bundle_dir: Path) -> None:
+    """Binary tensors arrive as arrays, JSON ones as lists (None: missing): one batch of both
+    gives each request what it gets alone."""
+    scorer = Scorer(bundle_dir)
+    scorer.warm_up()
+    rows = records(generate_payments(6, seed=7))
+    feats = scorer.manifest.features
+    as_lists = [{f.name: [r.get(f.name)] for f in feats} for r in rows]
+    as_arrays = [
+        {
+            f.name: [r.get(f.name)]
+            if f.kind == "categorical" or r.get(f.name) is None
+            else np.array([r[f.name]], np.bool_ if f.kind == "boolean" else np.float64)
+            for f in feats
+        }
+        for r in rows
+    ]
+    mixed = [c for pair in zip(as_lists, as_arrays, strict=True) for c in pair]
+    batch = scorer.score_many([(c, None) for c in mixed])
+    for columns, result in zip(mixed, batch.results, strict=True):
+        alone = scorer.score(columns, None)
+        assert result.score == pytest.approx(alone.score, rel=1e-6)
+        assert result.is_anomaly.tolist() == alone.is_anomaly.tolist()
+    assert batch.results[0].score == pytest.approx(batch.results[1].score, rel=1e-6)

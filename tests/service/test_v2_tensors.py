@@ -1,5 +1,5 @@
 """V2 binary tensors (the binary tensor data extension) decoded in process: numbers as numpy
-wrote them, BYTES in Triton's format, malformed tensors refused with a message."""
+wrote them (as arrays), BYTES in Triton's format, malformed tensors refused with a message."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ from service.errors import BadRequest
 )
 def test_numeric_tensors_decode_as_numpy_wrote_them(datatype: str, values: np.ndarray) -> None:
     raw = values.astype(values.dtype.newbyteorder("<")).tobytes()
-    assert v2_binary.decode_tensor("x", datatype, raw, len(values)) == values.tolist()
+    decoded = v2_binary.decode_tensor("x", datatype, raw, len(values))
+    assert isinstance(decoded, np.ndarray)  # the bytes as an array: no object per element
+    assert decoded.tolist() == values.tolist()
     if datatype != "FP16":
         assert v2_binary.encode(datatype, values) == raw
 
