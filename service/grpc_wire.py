@@ -278,7 +278,9 @@ def response(out: dict[str, Any], arrays: dict[str, Any]) -> bytes:
     unusual = out["parameters"].get("unusual_values")
     if unusual:
         resp = pb.ModelInferResponse()
-        resp.parameters["unusual_values"].string_param = orjson.dumps(unusual).decode()
+        resp.parameters["unusual_values"].string_param = orjson.dumps(
+            unusual, option=orjson.OPT_SERIALIZE_NUMPY
+        ).decode()
         parts.append(resp.SerializeToString())
     rid = out.get("id")
     if rid:
