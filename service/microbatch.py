@@ -12,6 +12,8 @@ event loop itself, larger ones on the batcher's own thread (see ``INLINE_RECORDS
 from __future__ import annotations
 
 import asyncio
+import time
+import weakref
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +28,10 @@ from service.scoring import Scored, Scorer
 # has nothing else to do (requests come back-to-back: every pending one is in the batch);
 # larger batches (bulk requests, at most max_batch records) go to the thread
 INLINE_RECORDS = 64
+# ... as long as the model scores them quickly (~1 ms of CPU for 64 records here): a model
+# slower than this on a small batch has every later batch scored on the thread, so that a slow
+# model holds the event loop up once at most
+INLINE_SECONDS = 0.005
 
 
 @dataclass
@@ -49,6 +55,7 @@ class MicroBatcher:
         # through anyio's worker pool (run_in_threadpool) costs about twice the CPU, and when
         # batches are small (gRPC calls come a few at a time) that was most of a request
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="microbatch")
+        self.slow: weakref.WeakSet[Scorer] = weakref.WeakSet()  # models never scored inline
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run())
@@ -95,14 +102,8 @@ class MicroBatcher:
             self.last_batch_requests = len(batch)
             if not batch:
                 continue
-            requests = [(i.columns, i.score_type) for i in batch]
             try:
-                if sum(i.n for i in batch) <= INLINE_RECORDS:
-                    results = metrics.scored(batch[0].scorer, requests)
-                else:
-                    results = await asyncio.get_running_loop().run_in_executor(
-                        self.executor, metrics.scored, batch[0].scorer, requests
-                    )
+                results = await self._scored(batch)
             except Exception as e:  # e.g. onnxruntime failed: every caller in the batch hears it
                 for i in batch:
                     if not i.future.done():
@@ -111,3 +112,17 @@ class MicroBatcher:
             for i, r in zip(batch, results, strict=True):
                 if not i.future.done():
                     i.future.set_result(r)
+
+    async def _scored(self, batch: list[_Item]) -> list[Scored]:
+        """Score a batch on the event loop (small, of a model that has been quick) or on the
+        batcher's thread."""
+        scorer, requests = batch[0].scorer, [(i.columns, i.score_type) for i in batch]
+        if sum(i.n for i in batch) > INLINE_RECORDS or scorer in self.slow:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, metrics.scored, scorer, requests)
+        start = time.thread_time()  # CPU time: a busy machine's preemptions do not count
+        try:
+            return metrics.scored(scorer, requests)
+        finally:
+            if time.thread_time() - start > INLINE_SECONDS:
+                self.slow.add(scorer)

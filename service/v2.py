@@ -235,7 +235,7 @@ async def infer(request: Request) -> Response:
     path = request.path_params
     check_model(scorer, path["name"], path.get("version"))
     settings: Settings = request.app.state.settings
-    header = request.headers.get(v2_binary.HEADER)
+    header = v2_binary.header_length(request.scope["headers"])
     raw = await read_body(request, settings.max_body_bytes, binary=True)
     # the header, not the content type, says a body is binary (clients send either type)
     if header is None:  # JSON: a big body is parsed in the parser process (service/http.py)

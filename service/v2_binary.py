@@ -28,7 +28,7 @@ import orjson
 
 from service.errors import BadRequest
 
-HEADER = "inference-header-content-length"
+HEADER = b"inference-header-content-length"  # as ASGI gives header names
 OCTET_STREAM = "application/octet-stream"
 DTYPES: dict[str, np.dtype[Any]] = {
     name: np.dtype(code)
@@ -115,6 +115,15 @@ def _decode_bytes(name: str, raw: bytes | memoryview, count: int) -> list[Any]:
     return out
 
 
+def header_length(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The ``Inference-Header-Content-Length`` header of a request (its raw ASGI headers: on the
+    hot path, cheaper than Starlette's Headers), or None."""
+    for k, v in headers:
+        if k == HEADER:
+            return v.decode("latin-1")
+    return None
+
+
 def split_request(body: bytes, header_length: str) -> tuple[Any, int]:
     """(the JSON part of a binary REST request, parsed; where its tensors' bytes start); or
     raise BadRequest."""
@@ -195,8 +204,10 @@ def _usual(
         if dt != "BYTES":
             return None
         try:
+            if count == 1 and size >= 4 and _LENGTH.unpack_from(body, pos)[0] == size - 4:
+                return [str(body[pos + 4 : pos + size], "utf-8")]  # one record: at once
             return _decode_bytes("", memoryview(body)[pos : pos + size], count)
-        except BadRequest:  # decode_inputs names the input
+        except (BadRequest, UnicodeDecodeError):  # decode_inputs names the input
             return None
     dtype = DTYPES.get(dt) if type(dt) is str else None
     if dtype is None or size != count * dtype.itemsize or (dt == "BOOL") != (kind == "boolean"):

@@ -124,7 +124,7 @@ def test_binary_tensors_score_as_the_same_request_in_json(
     assert got["is_anomaly"].any() and not got["is_anomaly"].all()
 
 
-@pytest.mark.parametrize("n", [7, v2_binary.FEW + 1, 300])
+@pytest.mark.parametrize("n", [1, 7, v2_binary.FEW + 1, 300])
 def test_the_fast_path_gives_what_the_closer_look_gives(
     manifest: Manifest, bundle_dir: Path, n: int
 ) -> None:
@@ -332,3 +332,27 @@ def test_values_training_never_saw_are_scored_flagged_and_named(
     assert unusual[(1, "amount", "out_of_range")] == pytest.approx(5e9, rel=1e-6)  # FP32
     assert unusual[(2, "merchant_category", "unseen_category")] == "moon_base"
     assert unusual[(2, "card_present", "not_boolean")] == 7
+
+
+@pytest.mark.parametrize(
+    ("country", "expected"),
+    [
+        ([b"\xc3"], ["'country'[0]", "UTF-8"]),  # a character cut short
+        (struct.pack("<I", 9) + b"US", ["'country'", "runs past the data"]),
+        (struct.pack("<I", 1) + b"US", ["'country'", "1 bytes after the last BYTES element"]),
+    ],
+)
+def test_one_record_with_broken_bytes_gets_a_400(
+    client: InProcess, manifest: Manifest, country: Any, expected: list[str]
+) -> None:
+    """One record: its BYTES are read at once, and anything amiss gets the general decoder's
+    message."""
+    ts = tensors(payments(1, seed=85), manifest)
+    if isinstance(country, list):
+        content, headers = body(_set(ts, "country", tensor("country", "BYTES", country)))
+    else:
+        content, headers = _raw(ts, "country", lambda t, b: _with_size(t, country, len(country)))
+    r = infer(client, manifest, content, headers)
+    assert r.status_code == 400, r.text
+    for part in expected:
+        assert part in r.json()["error"], r.text

@@ -1,11 +1,13 @@
 """The V2 hot path in process (fast tier): what the parser works out once per model follows
 the model being served; small micro-batches are scored on the event loop, large ones on the
-batcher's own thread; a batch mixing JSON lists and binary arrays scores each as alone."""
+batcher's own thread, and a model slow on a small batch holds the loop up once; a batch mixing
+JSON lists and binary arrays scores each as alone."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import pytest
 
 from service.bundle import read_bundle
 from service.errors import BadRequest
-from service.microbatch import INLINE_RECORDS, MicroBatcher
+from service.microbatch import INLINE_RECORDS, INLINE_SECONDS, MicroBatcher
 from service.scoring import Scorer
 from service.settings import Settings
 from service.v2_request import parse as _parse
@@ -117,3 +119,36 @@ def test_a_batch_of_json_and_binary_requests_scores_each_as_alone(bundle_dir: Pa
         assert result.score == pytest.approx(alone.score, rel=1e-6)
         assert result.is_anomaly.tolist() == alone.is_anomaly.tolist()
     assert batch.results[0].score == pytest.approx(batch.results[1].score, rel=1e-6)
+
+
+def test_a_model_slow_on_a_small_batch_holds_the_loop_up_once(bundle_dir: Path) -> None:
+    """A small batch that takes the model more CPU than INLINE_SECONDS: that model's later
+    batches are scored on the batcher's thread."""
+    scorer = Scorer(bundle_dir)
+    scorer.warm_up()
+    threads: list[str] = []
+    score_many = scorer.score_many
+
+    def slow(requests: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        end = time.thread_time() + 2 * INLINE_SECONDS
+        while time.thread_time() < end:  # CPU, as a slow graph burns it
+            pass
+        return score_many(requests)
+
+    scorer.score_many = slow  # type: ignore[method-assign]
+    rec = records(generate_payments(1, seed=8))[0]
+    columns = {f.name: [rec.get(f.name)] for f in scorer.manifest.features}
+
+    async def run() -> str:
+        batcher = MicroBatcher(256, 0)
+        batcher.start()
+        try:
+            for _ in range(3):
+                await batcher.score(scorer, columns, 1, None)
+        finally:
+            await batcher.stop()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(run())
+    assert threads == [loop_thread, "microbatch_0", "microbatch_0"]
