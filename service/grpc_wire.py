@@ -19,7 +19,6 @@ outputs' raw bytes (protobuf readers accept fields in any order).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +76,7 @@ def _typed(t: Any) -> list[Any]:
         raise BadRequest(f"input {t.name!r}: a BYTES element is not UTF-8 text") from None
 
 
-def _tensor(t: Any, data: Sequence[Any] | None) -> dict[str, Any]:
+def _tensor(t: Any, data: Any) -> dict[str, Any]:
     """An input tensor as JSON (``data``: its elements, or None for its typed contents)."""
     tensor = {
         "name": t.name,
