@@ -77,7 +77,8 @@ def _typed(t: Any) -> list[Any]:
 
 
 def _tensor(t: Any, data: Any) -> dict[str, Any]:
-    """An input tensor as JSON (``data``: its elements, or None for its typed contents)."""
+    """An input tensor as JSON (``data``: its elements, a list or an array, or None for its
+    typed contents)."""
     tensor = {
         "name": t.name,
         "datatype": t.datatype,
