@@ -1,5 +1,6 @@
 """What the neighbour term costs in serving: single-record and 256-record scoring latency with
-onnxruntime directly (1 thread), and the model file's size, with and without the term.
+onnxruntime directly (1 thread), and the model file's size: without the terms, with the
+neighbour term, with the neighbour and the tail term.
 
     python bench/neighbour_cost.py [--data ../shared/data/adbench] [--repeat 2000]
 
@@ -37,10 +38,10 @@ def latency_us(model: OnnxModel, inputs: dict[str, np.ndarray], repeat: int) -> 
 def measure(name: str, X: np.ndarray, repeat: int, tmp: Path) -> None:
     cols = [f"f{i}" for i in range(X.shape[1])]
     df = pd.DataFrame(X, columns=cols)
-    for w in (0.0, 2.0):
-        cfg = TrainConfig(epochs=3, neighbour_weight=w, threads=1)
+    for w, tail in ((0.0, 0.0), (2.0, 0.0), (2.0, 0.5)):
+        cfg = TrainConfig(epochs=3, neighbour_weight=w, tail_weight=tail, threads=1)
         r = train_bundle(
-            df, tmp / f"{name}{w}", cfg, source=name, data_fingerprint="-", progress=False
+            df, tmp / f"{name}{w}{tail}", cfg, source=name, data_fingerprint="-", progress=False
         )
         bundle, _ = open_bundle(r.path)
         model = OnnxModel(r.path / "model.onnx", intra_op_threads=1)
@@ -49,7 +50,8 @@ def measure(name: str, X: np.ndarray, repeat: int, tmp: Path) -> None:
         one = {k: v[:1] for k, v in enc.items()}
         size = (r.path / "model.onnx").stat().st_size / 1e6
         print(
-            f"| {name} ({X.shape[1]} columns) | {w:g} | {latency_us(model, one, repeat):.0f} | "
+            f"| {name} ({X.shape[1]} columns) | {w:g} | {tail:g} | "
+            f"{latency_us(model, one, repeat):.0f} | "
             f"{latency_us(model, enc, max(20, repeat // 50)) / 1000:.2f} | {size:.1f} |",
             flush=True,
         )
@@ -60,8 +62,10 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--repeat", type=int, default=2000)
     a = p.parse_args()
-    print("| data | neighbour_weight | 1 record, µs | 256 records, ms | model.onnx MB |")
-    print("|---|---|---|---|---|")
+    print(
+        "| data | neighbour_weight | tail_weight | 1 record, µs | 256 records, ms | model.onnx MB |"
+    )
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("6_cardio", "5_campaign"):
             d = np.load(a.data / f"{name}.npz", allow_pickle=False)

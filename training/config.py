@@ -105,10 +105,15 @@ class TrainConfig(BaseModel):
     image: list[Annotated[int, Field(ge=1)]] | None = Field(
         default=None, min_length=2, max_length=2
     )
-    # neighbour term (training/neighbours.py): its weight in the scores (0 = none) and how many
-    # training records the graph keeps to measure distances to
+    # neighbour term (training/neighbours.py): its weight in the scores (0 = none; split 3:1
+    # between the input-space and the latent distance) and how many training records the graph
+    # keeps to measure distances to
     neighbour_weight: Annotated[float, Field(ge=0)] = 2.0
     neighbour_bank: Count = 2048
+    # marginal tail term (training/tails.py; needs the bank, so neighbour_weight > 0): its
+    # weight beside the score (0 = none); 0.5 gained on mammography and cardio (where ECOD and
+    # IsolationForest led) more than it cost elsewhere (bench/results/quality.md)
+    tail_weight: Annotated[float, Field(ge=0)] = 0.5
 
     @model_validator(mode="after")
     def _room_to_train(self) -> TrainConfig:

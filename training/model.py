@@ -202,7 +202,8 @@ class ScoringGraph(nn.Module):
     scores. Returns ``elbo`` (negative ELBO), ``recon`` (negative reconstruction log-likelihood
     averaged over the L samples), ``iwae`` (importance-weighted estimate of -log p(x)), and
     ``attribution``: each feature's share of the NLL in excess of its median on normal data.
-    With ``neighbours``, each score also gets its neighbour term (training/neighbours.py).
+    With ``neighbours``, each score also gets the neighbour and tail terms
+    (training/neighbours.py).
     """
 
     eps: Tensor
@@ -229,12 +230,24 @@ class ScoringGraph(nn.Module):
         self.has_num = pre.layout.n_num > 0
         self.has_cat = len(pre.layout.cat_sizes) > 0
 
+    def inputs_and_means(self, x_num: Tensor | None, x_cat: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The records in input space (see :meth:`space`) and their posterior means."""
+        enc_in, s, _ = self.pre(x_num, x_cat)
+        return self.space(enc_in, s), self.vae.encode(enc_in)[0]
+
+    def space(self, enc_in: Tensor, s: Tensor) -> Tensor:
+        """The encoder's input with the scaled numerics unclamped: where the neighbour term
+        measures distances (an extreme value stays as far out as it is)."""
+        n_num = self.pre.layout.n_num
+        return torch.cat([s, enc_in[:, n_num:]], 1) if self.has_num else enc_in
+
     def per_sample_nll(
         self, x_num: Tensor | None, x_cat: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Feature NLL per sample ``[N, L, F]``, with mu, logvar, z ``[N, L, d]`` and the
-        encoder's input."""
+        records in input space."""
         enc_in, s, miss = self.pre(x_num, x_cat)
+        space = self.space(enc_in, s)
         mu, lv = self.vae.encode(enc_in)
         n, (n_samples, d) = mu.shape[0], self.eps.shape
         z = mu.unsqueeze(1) + torch.exp(0.5 * lv).unsqueeze(1) * self.eps.unsqueeze(0)
@@ -247,23 +260,24 @@ class ScoringGraph(nn.Module):
         if x_num is not None:
             s, miss = rep(s), rep(miss)
         nll = self.vae.feature_nll(out, s, miss, xc).reshape(n, n_samples, -1)
-        return nll, mu, lv, z, enc_in
+        return nll, mu, lv, z, space
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         it = iter(inputs)
         x_num = next(it) if self.has_num else None
         x_cat = next(it) if self.has_cat else None
-        elbo, recon, iwae, attribution, enc_in, mu = self.model_scores(x_num, x_cat)
+        elbo, recon, iwae, attribution, space, mu = self.model_scores(x_num, x_cat)
         if self.neighbours is None:
             return elbo, recon, iwae, attribution
-        term = self.neighbours(enc_in, mu)
+        term = self.neighbours(space, mu, self.pre.layout.n_num)
         return elbo + term[:, 0], recon + term[:, 1], iwae + term[:, 2], attribution
 
     def model_scores(
         self, x_num: Tensor | None, x_cat: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The VAE's own scores and attribution, with the encoder input and posterior mean."""
-        nll, mu, lv, z, enc_in = self.per_sample_nll(x_num, x_cat)
+        """The VAE's own scores and attribution, with the records in input space and their
+        posterior means."""
+        nll, mu, lv, z, space = self.per_sample_nll(x_num, x_cat)
         rec = nll.sum(-1)  # [N, L]
         recon = rec.mean(1)
         elbo = recon + kl_normal(mu, lv)
@@ -273,4 +287,4 @@ class ScoringGraph(nn.Module):
         iwae = -(torch.logsumexp(log_w, dim=1) - math.log(self.eps.shape[0]))
         excess = F.relu(nll.mean(1) - self.baseline)
         attribution = excess / torch.maximum(excess.sum(1, keepdim=True), self.floor)
-        return elbo, recon, iwae, attribution, enc_in, mu
+        return elbo, recon, iwae, attribution, space, mu

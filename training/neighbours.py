@@ -1,11 +1,14 @@
-"""The neighbour term of the scores: how far a record lies from the nearest training records.
+"""The terms added to the VAE's scores: how far a record lies from the nearest training records,
+and how rare its values are column by column (training/tails.py).
 
 A VAE's likelihood misses records that sit between the modes it learned, in a region no
 training record comes near; the distance to the nearest training record (KNN, the strongest
 single peer in bench/quality.py) sees them. Two distances, both inside the ONNX graph: in the
-encoder's input space (scaled numerics, missing indicators, one-hot categories) and between
-posterior means. Each is converted to the units of a score by the ratio of their spreads on
-validation records, so adding them keeps the score's scale and calibration works unchanged.
+input space (scaled numerics *without* the encoder's clamp, missing indicators, one-hot
+categories: the clamp that keeps the encoder sane would hide how far out an extreme value is)
+and between posterior means. Each term is put in the units of a score by the ratio of their
+median absolute deviations on validation records, times its weight, so adding them keeps the
+score's scale and calibration works unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+from training.tails import MarginalTail
 
 if TYPE_CHECKING:
     from training.model import ScoringGraph
@@ -34,56 +39,72 @@ def nearest_distance(q: Tensor, bank: Tensor) -> Tensor:
     return torch.sqrt((diff * diff).sum(2).min(1).values)
 
 
+# a term's spread is at least this share of its mean absolute deviation: where most records
+# tie (duplicates at distance ~0), the median absolute deviation is tiny, and dividing by it
+# would magnify float noise (onnxruntime vs torch) a hundredfold
+SPREAD_FLOOR = 0.5
+
+
 def spread(x: Tensor) -> Tensor:
-    """Interquartile range."""
-    return torch.quantile(x, 0.75) - torch.quantile(x, 0.25)
+    """Median absolute deviation, at least SPREAD_FLOOR x the mean absolute deviation."""
+    dev = torch.abs(x - torch.median(x))
+    return torch.maximum(torch.median(dev), SPREAD_FLOOR * dev.mean())
 
 
 class NeighbourTerm(nn.Module):
-    """``weight[i] * (d_input + d_latent)`` for score type ``i``, in that score's units."""
+    """``weight[i] @ (d_input, d_latent, tail)`` for score type ``i``, in that score's units."""
 
     bank_in: Tensor
     bank_mu: Tensor
     weight: Tensor
 
-    def __init__(self, bank_in: Tensor, bank_mu: Tensor, n_scores: int) -> None:
+    def __init__(
+        self, bank_in: Tensor, bank_mu: Tensor, n_scores: int, tail: MarginalTail | None
+    ) -> None:
         super().__init__()
         self.register_buffer("bank_in", bank_in)
         self.register_buffer("bank_mu", bank_mu)
-        self.register_buffer("weight", torch.zeros(n_scores, 2))
+        self.tail = tail
+        self.register_buffer("weight", torch.zeros(n_scores, 3 if tail is not None else 2))
 
-    def distances(self, enc_in: Tensor, mu: Tensor) -> Tensor:
-        """``[N, 2]``: to the nearest bank record in input space and in latent space."""
-        return torch.stack(
-            [nearest_distance(enc_in, self.bank_in), nearest_distance(mu, self.bank_mu)], 1
-        )
+    def parts(self, space: Tensor, mu: Tensor, n_num: int) -> Tensor:
+        """``[N, 2 or 3]``: to the nearest bank record in input space and in latent space, and
+        the marginal tail term of the ``n_num`` scaled numerics that lead ``space``."""
+        cols = [nearest_distance(space, self.bank_in), nearest_distance(mu, self.bank_mu)]
+        if self.tail is not None:
+            cols.append(self.tail(space[:, :n_num]))
+        return torch.stack(cols, 1)
 
-    def forward(self, enc_in: Tensor, mu: Tensor) -> Tensor:
+    def forward(self, space: Tensor, mu: Tensor, n_num: int) -> Tensor:
         """``[N, n_scores]``: the term to add to each score."""
-        return self.distances(enc_in, mu) @ self.weight.T
+        return self.parts(space, mu, n_num) @ self.weight.T
 
-    def fit_weights(self, scores: Tensor, dist: Tensor, strength: float) -> None:
+    def fit_weights(self, scores: Tensor, parts: Tensor, strengths: list[float]) -> None:
         """Set the weights from validation records: ``scores [N, n_scores]`` (without the
-        term) and ``dist [N, 2]``. Each distance gets ``strength / 2`` times the score's spread
-        over its own; a distance with no spread (all records alike) gets none."""
-        d_spread = torch.stack([spread(dist[:, j]) for j in range(dist.shape[1])])
+        terms) and their ``parts``. Part j gets ``strengths[j]`` times the score's spread over
+        its own; a part with no spread (all records alike) gets none."""
+        p_spread = torch.stack([spread(parts[:, j]) for j in range(parts.shape[1])])
+        strength = torch.tensor(strengths[: parts.shape[1]], dtype=parts.dtype)
         for i in range(scores.shape[1]):
-            ratio = spread(scores[:, i]) / torch.clamp(d_spread, min=1e-12)
-            self.weight[i] = torch.where(d_spread > 1e-12, 0.5 * strength * ratio, 0.0)
+            ratio = spread(scores[:, i]) / torch.clamp(p_spread, min=1e-12)
+            self.weight[i] = torch.where(p_spread > 1e-12, strength * ratio, 0.0)
 
 
 def attach(
     graph: ScoringGraph,
     bank: tuple[Tensor | None, Tensor | None],
     val: tuple[Tensor | None, Tensor | None],
-    strength: float,
+    strengths: tuple[float, float, float],
 ) -> None:
-    """Give ``graph`` a neighbour term over the ``bank`` records (training records, never the
-    validation or calibration ones), weighted on the ``val`` records."""
+    """Give ``graph`` the terms over the ``bank`` records (training records, never the
+    validation or calibration ones), weighted on the ``val`` records: ``strengths`` of the
+    input distance, the latent distance and the tail term (0: no tail term)."""
+    n_num = graph.pre.layout.n_num
     with torch.no_grad():
-        enc_in, _, _ = graph.pre(*bank)
-        mu, _ = graph.vae.encode(enc_in)
-        term = NeighbourTerm(enc_in, mu, 3)
-        elbo, recon, iwae, _, v_in, v_mu = graph.model_scores(*val)
-        term.fit_weights(torch.stack([elbo, recon, iwae], 1), term.distances(v_in, v_mu), strength)
+        space, mu = graph.inputs_and_means(*bank)
+        tail = MarginalTail(space[:, :n_num]) if strengths[2] > 0 and n_num else None
+        term = NeighbourTerm(space, mu, 3, tail)
+        elbo, recon, iwae, _, v_space, v_mu = graph.model_scores(*val)
+        scores = torch.stack([elbo, recon, iwae], 1)
+        term.fit_weights(scores, term.parts(v_space, v_mu, n_num), list(strengths))
     graph.neighbours = term
