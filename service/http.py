@@ -99,14 +99,15 @@ async def score_in(
     n: int,
     score_type: str | None,
     records: list[Any] | None = None,
+    on_loop: bool = True,
 ) -> Scored:
     """Score through the micro-batcher (small requests: small batches on the event loop,
     larger ones on its thread) or directly in a thread (large ones), then offer the records
     (``records``: the id columns of each, if any) to the sink. (``state``: the app's, for the
-    batcher and the sink; gRPC calls come here too.)"""
+    batcher and the sink; gRPC calls come here too, ``on_loop=False``: see MicroBatcher.score.)"""
     batcher: MicroBatcher | None = state.batcher
     if batcher is not None and n < batcher.max_batch:
-        scored = await batcher.score(scorer, columns, n, score_type)
+        scored = await batcher.score(scorer, columns, n, score_type, on_loop)
     else:
         scored = (await run_in_threadpool(metrics.scored, scorer, [(columns, score_type)]))[0]
     if state.sink is not None:

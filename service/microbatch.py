@@ -41,6 +41,7 @@ class _Item:
     n: int
     score_type: str | None
     future: asyncio.Future[Scored]
+    on_loop: bool  # may be scored on the event loop (see ``score``)
 
 
 class MicroBatcher:
@@ -67,10 +68,19 @@ class MicroBatcher:
         self.executor.shutdown(wait=False)
 
     async def score(
-        self, scorer: Scorer, columns: Mapping[str, Sequence[Any]], n: int, score_type: str | None
+        self,
+        scorer: Scorer,
+        columns: Mapping[str, Sequence[Any]],
+        n: int,
+        score_type: str | None,
+        on_loop: bool = True,
     ) -> Scored:
+        """The request's results, once its batch is scored. ``on_loop=False``: its batch goes to
+        the thread whatever its size; gRPC calls reach the loop one per round trip of grpcio's
+        completion queue, so scoring them on the loop keeps their batches at one call each (at
+        c=64 1,800 calls/s on the loop against 3,000 on the thread, idle machine)."""
         fut: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
-        self.pending.append(_Item(scorer, columns, n, score_type, fut))
+        self.pending.append(_Item(scorer, columns, n, score_type, fut, on_loop))
         self.wake.set()
         return await fut
 
@@ -117,7 +127,8 @@ class MicroBatcher:
         """Score a batch on the event loop (small, of a model that has been quick) or on the
         batcher's thread."""
         scorer, requests = batch[0].scorer, [(i.columns, i.score_type) for i in batch]
-        if sum(i.n for i in batch) > INLINE_RECORDS or scorer in self.slow:
+        on_loop = all(i.on_loop for i in batch) and scorer not in self.slow
+        if not on_loop or sum(i.n for i in batch) > INLINE_RECORDS:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.executor, metrics.scored, scorer, requests)
         start = time.thread_time()  # CPU time: a busy machine's preemptions do not count

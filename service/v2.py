@@ -259,34 +259,21 @@ def _parse_binary(raw: bytes, header: str, m: Manifest, settings: Settings) -> P
     return parse(request, m, settings, (raw, split))
 
 
-def _size(body: Any) -> int:
-    """Values in a request (to decide where to validate it), without looking inside them."""
-    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
-        return 0
-    return sum(
-        len(t["data"])
-        for t in body["inputs"]
-        if isinstance(t, dict) and isinstance(t.get("data"), list | np.ndarray)
-    )
-
-
 async def run_infer(
-    state: State, scorer: Scorer, settings: Settings, body: Any, size: int | None = None
+    state: State, scorer: Scorer, settings: Settings, body: Any, size: int
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Validate and score an inference request given as JSON (gRPC comes here; ``size``: its
-    values, when the caller has counted them)."""
-    size = _size(body) if size is None else size
+    """Validate and score a gRPC inference request given as JSON (``size``: its values)."""
     parsed = await offload(size, parse, body, scorer.manifest, settings)
-    return await respond(state, scorer, parsed)
+    return await respond(state, scorer, parsed, on_loop=False)
 
 
 async def respond(
-    state: State, scorer: Scorer, parsed: Parsed
+    state: State, scorer: Scorer, parsed: Parsed, on_loop: bool = True
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Score a validated request (REST, binary REST and gRPC all come here): (the JSON
     response, the output arrays by name)."""
     columns, n, score_type, names, rid, _ = parsed
-    scored = await score_in(state, scorer, columns, n, score_type)
+    scored = await score_in(state, scorer, columns, n, score_type, on_loop=on_loop)
     arrays = {
         "score": scored.score,
         "is_anomaly": scored.is_anomaly,

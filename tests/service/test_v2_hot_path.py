@@ -57,7 +57,7 @@ def test_the_parser_follows_the_model_being_served(bundle_dir: Path) -> None:
     assert n == 3 and dropped.name not in columns
 
 
-def test_small_batches_are_scored_on_the_loop_and_large_ones_on_the_batchers_thread(
+def test_small_batches_are_scored_on_the_loop_and_large_ones_and_grpcs_on_the_thread(
     bundle_dir: Path,
 ) -> None:
     scorer = Scorer(bundle_dir)
@@ -82,6 +82,8 @@ def test_small_batches_are_scored_on_the_loop_and_large_ones_on_the_batchers_thr
         try:
             results = await asyncio.gather(*(batcher.score(scorer, c, 1, None) for c in single))
             await batcher.score(scorer, bulk, len(big), None)
+            # gRPC's calls (on_loop=False) go to the thread, however small their batch
+            await asyncio.gather(*(batcher.score(scorer, c, 1, None, False) for c in single))
         finally:
             await batcher.stop()
         with pytest.raises(RuntimeError):  # stopped: its thread is released
@@ -91,6 +93,7 @@ def test_small_batches_are_scored_on_the_loop_and_large_ones_on_the_batchers_thr
     scores, loop_thread = asyncio.run(run())
     assert (loop_thread, 12) in threads  # the 12 requests in one batch, on the event loop
     assert [t for t, n in threads if n > INLINE_RECORDS] == ["microbatch_0"]
+    assert threads[-1] == ("microbatch_0", 12)
     alone = [float(Scorer.score(scorer, c, None).score[0]) for c in single]
     assert scores == pytest.approx(alone, rel=1e-6)  # each caller gets its own record's score
 
