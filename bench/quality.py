@@ -82,6 +82,24 @@ def peers(data: Path) -> dict[str, dict[str, float]]:
     return table
 
 
+def split(
+    X: np.ndarray, y: np.ndarray, seed: int, max_train: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """The protocol's split: (training records: 60% of the normal ones, at most ``max_train``;
+    test records: the other normal ones and every anomaly; the test labels)."""
+    rng = np.random.default_rng(seed)
+    normal = rng.permutation(np.flatnonzero(y == 0))
+    n_train = round(0.6 * len(normal))
+    train_idx, test_norm = normal[:n_train][:max_train], normal[n_train:]
+    test_idx = np.concatenate([test_norm, np.flatnonzero(y == 1)])
+    cols = [f"f{i}" for i in range(X.shape[1])]
+    return (
+        pd.DataFrame(X[train_idx], columns=cols),
+        pd.DataFrame(X[test_idx], columns=cols),
+        y[test_idx],
+    )
+
+
 def run_one(
     X: np.ndarray,
     y: np.ndarray,
@@ -90,15 +108,7 @@ def run_one(
     workdir: Path,
     max_train: int | None = None,
 ) -> dict[str, float]:
-    rng = np.random.default_rng(seed)
-    normal = rng.permutation(np.flatnonzero(y == 0))
-    n_train = round(0.6 * len(normal))
-    train_idx, test_norm = normal[:n_train][:max_train], normal[n_train:]
-    test_idx = np.concatenate([test_norm, np.flatnonzero(y == 1)])
-    cols = [f"f{i}" for i in range(X.shape[1])]
-    train_df = pd.DataFrame(X[train_idx], columns=cols)
-    test_df = pd.DataFrame(X[test_idx], columns=cols)
-    y_test = y[test_idx]
+    train_df, test_df, y_test = split(X, y, seed, max_train)
 
     cfg = TrainConfig(seed=seed, **cfg_extra)  # type: ignore[arg-type]
     t0 = time.perf_counter()
@@ -132,10 +142,10 @@ def run_one(
 
     t0 = time.perf_counter()
     iso_rng = np.random.default_rng(seed + 7)
-    hold = iso_rng.random(len(train_idx)) < 0.2
-    iso = IsolationForest(random_state=seed).fit(X[train_idx][~hold])
-    iso_thr = np.quantile(-iso.score_samples(X[train_idx][hold]), 0.99)
-    s = -iso.score_samples(X[test_idx])
+    hold = iso_rng.random(len(train_df)) < 0.2
+    iso = IsolationForest(random_state=seed).fit(train_df.to_numpy()[~hold])
+    iso_thr = np.quantile(-iso.score_samples(train_df.to_numpy()[hold]), 0.99)
+    s = -iso.score_samples(test_df.to_numpy())
     res["iforest_fit_s"] = time.perf_counter() - t0
     res["iforest_auc"] = roc_auc_score(y_test, s)
     res["iforest_ap"] = average_precision_score(y_test, s)

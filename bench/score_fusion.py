@@ -11,9 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from quality import DEFAULT_DATA, peers  # type: ignore[import-not-found]
 from sklearn.metrics import roc_auc_score
-
-from bench.quality import DEFAULT_DATA, peers
 
 BANK = 2048
 VAL = 4096

@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
+from quality import DEFAULT_DATA, cases, split  # type: ignore[import-not-found]
 
-from bench.quality import DEFAULT_DATA, cases
 from service.features import encode_columns
 from training.config import TrainConfig
 from training.data import prepare
@@ -42,14 +41,7 @@ def parts(graph, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def one(X, y, seed: int, extra: dict, cap: int | None) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    normal = rng.permutation(np.flatnonzero(y == 0))
-    n_train = round(0.6 * len(normal))
-    train_idx, test_norm = normal[:n_train][:cap], normal[n_train:]
-    test_idx = np.concatenate([test_norm, np.flatnonzero(y == 1)])
-    cols = [f"f{i}" for i in range(X.shape[1])]
-    df = pd.DataFrame(X[train_idx], columns=cols)
-    test_df = pd.DataFrame(X[test_idx], columns=cols)
+    df, test_df, y_test = split(X, y, seed, cap)
     mult = {k: extra.pop(k) for k in ("latent_x", "hidden_x") if k in extra}
     cfg = TrainConfig(seed=seed, neighbour_weight=0, threads=1, **extra)
     prep = prepare(df, cfg)
@@ -67,20 +59,20 @@ def one(X, y, seed: int, extra: dict, cap: int | None) -> dict[str, np.ndarray]:
         prep.features, {f.name: test_df[f.name].to_numpy() for f in prep.features}
     ).inputs
     res: dict[str, np.ndarray] = {
-        "y": y[test_idx],
+        "y": y_test,
         "val_loss": np.array(hist.val_loss[hist.best_epoch]),
         "epochs": np.array(len(hist.val_loss)),
         "fit_s": np.array(fit_s),
         "n_num": np.array(layout.n_num),
     }
-    for split, inputs in (
+    for name, inputs in (
         ("train", _rows(normal_in, prep.train_idx)),
         ("val", _rows(normal_in, prep.val_idx)),
         ("cal", _rows(normal_in, prep.calib_idx)),
         ("test", test_in),
     ):
         for k, v in parts(graph, inputs).items():
-            res[f"{split}_{k}"] = v
+            res[f"{name}_{k}"] = v
     return res
 
 
