@@ -5,8 +5,9 @@ takes all of them (up to ``max_batch`` records), so under load calls grow by the
 lone request goes straight through. ``max_wait`` (seconds) adds a short wait for more requests,
 but only while requests are arriving concurrently (the previous batch held more than one).
 Validation happens before a request joins the queue, so a bad record fails only its own
-request; results go back to each caller in its own order. Small batches are scored on the
-event loop itself, larger ones on the batcher's own thread (see ``INLINE_RECORDS``).
+request; results go back to each caller in its own order. Small batches of several requests
+are scored on the event loop itself, lone requests and larger batches on the batcher's own
+thread (see ``INLINE_RECORDS``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from typing import Any
 from service import metrics
 from service.scoring import Scored, Scorer
 
-# batches of at most this many records are scored on the event loop: a hop to the scoring
-# thread and back costs more than such a batch, and while a batch is being scored the loop
-# has nothing else to do (requests come back-to-back: every pending one is in the batch);
-# larger batches (bulk requests, at most max_batch records) go to the thread
+# batches of several requests and at most this many records are scored on the event loop: a
+# hop to the scoring thread and back costs more than such a batch, and while it is scored the
+# loop has nothing else to do (requests came back-to-back: every pending one is in the batch);
+# a lone request goes to the thread, so that requests arriving meanwhile can share the next
+# call, and so do larger batches (bulk requests, at most max_batch records)
 INLINE_RECORDS = 64
 # ... as long as the model scores them quickly (~1 ms of CPU for 64 records here): a model
 # slower than this on a small batch has every later batch scored on the thread, so that a slow
@@ -127,7 +129,7 @@ class MicroBatcher:
         """Score a batch on the event loop (small, of a model that has been quick) or on the
         batcher's thread."""
         scorer, requests = batch[0].scorer, [(i.columns, i.score_type) for i in batch]
-        on_loop = all(i.on_loop for i in batch) and scorer not in self.slow
+        on_loop = len(batch) > 1 and all(i.on_loop for i in batch) and scorer not in self.slow
         if not on_loop or sum(i.n for i in batch) > INLINE_RECORDS:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.executor, metrics.scored, scorer, requests)

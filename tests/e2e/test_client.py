@@ -41,7 +41,10 @@ def test_a_dataframe_in_chunks_scores_as_one_request_would(server: Server) -> No
     ):
         a, b = small.score(df, explain=2), whole.score(df, explain=2)
     assert len(a) == len(df) == len(b)
-    assert [r.score for r in a] == [r.score for r in b]  # order kept across 7 chunks
+    # order kept across 7 chunks (float32 scores: onnxruntime's matrix products may round the
+    # last bit differently for another batch size)
+    assert [r.score for r in a] == pytest.approx([r.score for r in b], rel=1e-6)
+    assert [r.is_anomaly for r in a] == [r.is_anomaly for r in b]
     assert any(r.is_anomaly for r in a[-5:]) and not all(r.is_anomaly for r in a[:40])
     assert all(r.model == "payments" and r.model_version for r in a)
     assert all(len(r.top_features) <= 2 for r in a)

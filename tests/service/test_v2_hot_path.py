@@ -147,8 +147,8 @@ def test_a_model_slow_on_a_small_batch_holds_the_loop_up_once(bundle_dir: Path) 
         batcher = MicroBatcher(256, 0)
         batcher.start()
         try:
-            for _ in range(3):
-                await batcher.score(scorer, columns, 1, None)
+            for _ in range(3):  # batches of two requests (a lone one goes to the thread)
+                await asyncio.gather(*(batcher.score(scorer, columns, 1, None) for _ in "ab"))
         finally:
             await batcher.stop()
         return threading.current_thread().name
