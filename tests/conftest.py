@@ -62,6 +62,11 @@ def train_df() -> pd.DataFrame:
     return generate_payments(TRAIN_ROWS, seed=0)
 
 
+def fit_small(df: pd.DataFrame, out: Path, cfg: TrainConfig) -> Result:
+    """Train ``df`` into the bundle folder ``out`` with ``cfg`` (quietly)."""
+    return train_bundle(df, out, cfg, source="x.csv", data_fingerprint="x", progress=False)
+
+
 @pytest.fixture(scope="session")
 def trained(train_df: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Result:
     out = tmp_path_factory.mktemp("bundles") / "payments"

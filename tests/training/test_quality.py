@@ -15,9 +15,8 @@ import torch
 from service.bundle import MANIFEST_FILE, read_bundle
 from service.features import encode_columns
 from service.runtime import open_bundle
-from tests.conftest import small_config
+from tests.conftest import fit_small, small_config
 from training.neighbours import nearest_distance
-from training.train import train_bundle
 
 
 def test_nearest_distance_is_exact_even_at_zero() -> None:
@@ -49,14 +48,7 @@ def test_neighbour_term_raises_records_no_training_record_is_near(tmp_path: Path
     df, gap = _clusters(1500, 0), pd.DataFrame({"a": [0.0], "b": [0.0], "c": [0.0]})
     out = {}
     for w in (0.0, 2.0):
-        r = train_bundle(
-            df,
-            tmp_path / f"w{w}",
-            small_config(exclude=[], neighbour_weight=w),
-            source="x.csv",
-            data_fingerprint="-",
-            progress=False,
-        )
+        r = fit_small(df, tmp_path / f"w{w}", small_config(exclude=[], neighbour_weight=w))
         normal = np.array(r.manifest.distributions["elbo"].quantiles)
         out[w] = float(np.mean(normal < _scores(r.path, gap)[0]))  # the gap's percentile
     assert out[2.0] >= out[0.0] and out[2.0] > 0.99
@@ -65,14 +57,7 @@ def test_neighbour_term_raises_records_no_training_record_is_near(tmp_path: Path
 @pytest.mark.slow
 def test_small_data_calibrates_on_every_record_and_says_how_precisely(tmp_path: Path) -> None:
     df = _clusters(200, 1)
-    r = train_bundle(
-        df,
-        tmp_path / "m",
-        small_config(exclude=[]),
-        source="x.csv",
-        data_fingerprint="-",
-        progress=False,
-    )
+    r = fit_small(df, tmp_path / "m", small_config(exclude=[]))
     m = r.manifest
     assert m.data.calibration_rows < 99  # too few for an order statistic at 1%
     assert m.metrics["calibration_scores"] == len(df)  # out of fold: every normal record

@@ -14,12 +14,12 @@ import torch
 from service.bundle import MODEL_FILE
 from service.features import encode_columns
 from service.runtime import open_bundle
-from tests.conftest import small_config
+from tests.conftest import fit_small, small_config
 from training import train as train_mod
 from training.data import prepare
 from training.neighbours import spread
 from training.tails import GRID, MarginalTail
-from training.train import _rows, _tensors, build_graph, fit, layout_of, train_bundle
+from training.train import _rows, _tensors, build_graph, fit, layout_of
 
 
 def _graph_on(df: pd.DataFrame, **cfg: object) -> tuple[train_mod.ScoringGraph, list]:
@@ -94,14 +94,7 @@ def test_tail_term_is_in_the_exported_graph_and_onnx_matches_torch(tmp_path: Pat
     df = _gaussians(800, 3)
     df["flag"] = (rng.random(800) < 0.2).astype(float)
     df["count"] = rng.poisson(2, 800).astype(float)
-    r = train_bundle(
-        df,
-        tmp_path / "m",
-        small_config(exclude=[]),
-        source="x.csv",
-        data_fingerprint="-",
-        progress=False,
-    )
+    r = fit_small(df, tmp_path / "m", small_config(exclude=[]))
     assert r.manifest.model.max_rel_diff <= 1e-3
     model = onnx.load(str(r.path / MODEL_FILE))
     shapes = [tuple(t.dims) for t in model.graph.initializer]

@@ -11,12 +11,12 @@ import torch
 
 from service.features import encode_columns
 from service.runtime import OnnxModel, open_bundle
-from tests.conftest import small_config
+from tests.conftest import fit_small, small_config
 from training.data import prepare
 from training.demo_data import KINDS, generate_payments, make_anomalies
 from training.export import TOLERANCE, compare, export_onnx
 from training.model import ScoringGraph
-from training.train import Result, fit, layout_of, model_sizes, train_bundle
+from training.train import Result, fit, layout_of, model_sizes
 
 TARGET_FPR = 0.01
 
@@ -133,14 +133,7 @@ def test_same_seed_gives_same_model_and_scores(train_df: pd.DataFrame, tmp_path:
     df = train_df.iloc[:1500]
     runs = []
     for i in range(2):
-        r = train_bundle(
-            df,
-            tmp_path / f"b{i}",
-            small_config(epochs=4, seed=3),
-            source="x.csv",
-            data_fingerprint="x",
-            progress=False,
-        )
+        r = fit_small(df, tmp_path / f"b{i}", small_config(epochs=4, seed=3))
         runs.append(r)
     a, b = (r.manifest for r in runs)
     assert a.model.sha256 == b.model.sha256
@@ -149,14 +142,7 @@ def test_same_seed_gives_same_model_and_scores(train_df: pd.DataFrame, tmp_path:
     np.testing.assert_array_equal(
         scores_of(runs[0].path, probe)["iwae"], scores_of(runs[1].path, probe)["iwae"]
     )
-    other = train_bundle(
-        df,
-        tmp_path / "b3",
-        small_config(epochs=4, seed=4),
-        source="x.csv",
-        data_fingerprint="x",
-        progress=False,
-    )
+    other = fit_small(df, tmp_path / "b3", small_config(epochs=4, seed=4))
     assert other.manifest.model.sha256 != a.model.sha256
 
 
@@ -165,14 +151,7 @@ def test_labelled_rows_are_kept_out_and_evaluated(tmp_path: Path) -> None:
     normal = generate_payments(2000, seed=12).assign(label=0)
     bad = make_anomalies(60, seed=12).drop(columns="anomaly_kind").assign(label=1)
     df = pd.concat([normal, bad], ignore_index=True)
-    r = train_bundle(
-        df,
-        tmp_path / "b",
-        small_config(label_column="label", epochs=30),
-        source="x.csv",
-        data_fingerprint="x",
-        progress=False,
-    )
+    r = fit_small(df, tmp_path / "b", small_config(label_column="label", epochs=30))
     m = r.manifest
     assert m.data.anomaly_rows == 60
     assert m.data.train_rows + m.data.validation_rows + m.data.calibration_rows == 2000
