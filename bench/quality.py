@@ -14,7 +14,11 @@ of 22_magic.gamma, but the model gets only 300 of the training rows (60 for cali
 the observed false-positive rate is measured on thousands of test normals.
 
     python bench/quality.py [--data ../shared/data/adbench] [--seeds 3] [--only NAME ...]
-                            [--out bench/results/quality.md] [--set key=value ...]
+                            [--out bench/results/quality.md] [--set key=value ...] [--write]
+
+A run of every case writes its tables into --out (between the bench markers); a partial run
+(--only) only prints them unless --write says so, so that a quick check of one dataset does not
+replace the full table. Runs split over processes: --save-json each, then --render them.
 """
 
 from __future__ import annotations
@@ -223,6 +227,11 @@ def main() -> int:
         nargs="+",
         help="no training: write the tables from --save-json files of runs split over processes",
     )
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="write the tables into --out even for a partial run (--only)",
+    )
     a = p.parse_args()
     if a.render:
         saved = [json.loads(f.read_text()) for f in a.render]
@@ -284,6 +293,9 @@ def report(
     if extra:
         tables += "Calibration cases (not in the mean above):\n\n" + case_table(extra) + "\n"
     print("\n" + tables)
+    if a.only and not a.write and not a.render:
+        print(f"\npartial run (--only): {a.out} left as it was (--write to replace its table)")
+        return 0
     write_results(a.out, command, tables)
     print(f"\nwritten to {a.out}")
     return 0
