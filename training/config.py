@@ -107,9 +107,10 @@ class TrainConfig(BaseModel):
     )
     # neighbour term (training/neighbours.py): its weight in the scores (0 = none; split 3:1
     # between the input-space and the latent distance) and how many training records the graph
-    # keeps to measure distances to
+    # keeps to measure distances to (8192 scored 0.002 above 2048 on the dev sets; each record
+    # costs bank x inputs multiply-adds: bench/results/quality.md)
     neighbour_weight: Annotated[float, Field(ge=0)] = 2.0
-    neighbour_bank: Count = 2048
+    neighbour_bank: Count = 8192
     # marginal tail term (training/tails.py; needs the bank, so neighbour_weight > 0): its
     # weight beside the score (0 = none); 0.5 gained on mammography and cardio (where ECOD and
     # IsolationForest led) more than it cost elsewhere (bench/results/quality.md)

@@ -16,15 +16,15 @@ from service.bundle import MANIFEST_FILE, read_bundle
 from service.features import encode_columns
 from service.runtime import open_bundle
 from tests.conftest import fit_small, small_config
-from training.neighbours import nearest_distance
+from training.neighbours import nearest
 
 
-def test_nearest_distance_is_exact_even_at_zero() -> None:
+def test_nearest_distances_are_exact_even_at_zero() -> None:
     gen = torch.Generator().manual_seed(0)
     bank = 300.0 + torch.randn(500, 40, generator=gen)  # large norms: cancellation territory
     q = torch.cat([bank[:5], bank[5:10] + 0.01, 300.0 + torch.randn(20, 40, generator=gen)])
     want = np.sqrt(((q[:, None, :] - bank[None]).double() ** 2).sum(-1)).min(1).values.numpy()
-    got = nearest_distance(q, bank).double().numpy()
+    got = nearest(q, bank)[0][:, 0].double().numpy()
     assert np.all(got[:5] == 0.0)  # a record seen in training is at distance 0, not sqrt(eps)
     assert np.allclose(got, want, rtol=1e-4, atol=1e-4)
 
