@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from quality import DEFAULT_DATA, peers  # type: ignore[import-not-found]
+from quality import DEFAULT_DATA, cases, peers  # type: ignore[import-not-found]
 from sklearn.metrics import roc_auc_score
 
 BANK = 2048
@@ -81,6 +81,10 @@ def load(d: Path, tag: str) -> dict[str, list[dict]]:
         if not scache.exists():
             np.savez(scache, **s_terms(name, int(f.stem.split("__")[2])))
         c.update(dict(np.load(scache)))
+        lcache = f.with_suffix(".lterms.npz")
+        if not lcache.exists():
+            np.savez(lcache, **local_terms(dict(np.load(f))))
+        c.update(dict(np.load(lcache)))
         t = {k[2:]: (c[f"v_{k[2:]}"], c[f"t_{k[2:]}"]) for k in c if k.startswith("v_")}
         out[name].append({"y": c["y"], "t": t, "val_loss": float(c["val_loss"])})
     return out
@@ -95,7 +99,6 @@ def s_terms(name: str, seed: int) -> dict[str, np.ndarray]:
     import pandas as pd
     import torch
 
-    from bench.quality import cases
     from service.features import encode_columns
     from training.config import TrainConfig
     from training.data import prepare
@@ -127,6 +130,43 @@ def s_terms(name: str, seed: int) -> dict[str, np.ndarray]:
     out = {}
     for k in (1, 3, 5):
         out[f"v_dsin{k}"], out[f"t_dsin{k}"] = knn(v, bank, k), knn(t, bank, k)
+    return out
+
+
+def local(q: np.ndarray, bank: np.ndarray, v: np.ndarray, power: float) -> np.ndarray:
+    """training/neighbours.py's LocalDistance: mean distance to the 2 nearest bank rows over
+    the power of their own spacing (mean distance to their 2 nearest others), floored at 0.1 of
+    the validation records' (``v``) median spacing."""
+
+    def near(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        bb, dist, idx = (bank * bank).sum(1), [], []
+        for i in range(0, len(x), 1024):
+            xi = x[i : i + 1024].astype(np.float64)
+            d2 = bb[None, :] - 2 * xi @ bank.T.astype(np.float64) + (xi * xi).sum(1)[:, None]
+            j = np.argpartition(d2, k - 1, axis=1)[:, :k]
+            dd = np.maximum(np.take_along_axis(d2, j, 1), 0)
+            o = np.argsort(dd, 1)
+            idx.append(np.take_along_axis(j, o, 1))
+            dist.append(np.sqrt(np.take_along_axis(dd, o, 1)))
+        return np.concatenate(dist), np.concatenate(idx)
+
+    spacing = near(bank, 3)[0][:, 1:].mean(1)
+    floor = 0.1 * float(np.median(spacing[near(v, 2)[1]].mean(1)))
+    d, i = near(q, 2)
+    return d.mean(1) / (spacing[i].mean(1) + max(floor, 1e-6)) ** power
+
+
+def local_terms(r: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Local distances (input space, latent means) at two bank sizes, and the plain mean of
+    the 2 nearest (power 0): ``v_loc_in8192``, ``t_loc_mu2048``, ``v_loc0_in8192`` ..."""
+    out = {}
+    for n in (2048, 8192):
+        for space in ("enc", "mu"):
+            bank, key = r[f"train_{space}"][:n], "in" if space == "enc" else "mu"
+            v, t = r[f"val_{space}"][:VAL], r[f"test_{space}"]
+            for p, name in ((0.25, "loc"), (0.0, "loc0")):
+                out[f"v_{name}_{key}{n}"] = local(v, bank, v, p)
+                out[f"t_{name}_{key}{n}"] = local(t, bank, v, p)
     return out
 
 
@@ -198,6 +238,24 @@ VARIANTS: dict[str, tuple[list[tuple[str, float]], str]] = {
     "e2+din+dmu": ([("elbo", 2), ("din1", 1), ("dmu1", 1)], "iqr"),
     "rank+two": ([("elbo", 1), ("din1", 1), ("dmu1", 1), ("tail_two", 1)], "rank"),
     "std+two": ([("elbo", 1), ("din1", 1), ("dmu1", 1), ("tail_two", 1)], "std"),
+    # round three's kept terms, then round four's local distances (training/neighbours.py)
+    "r3": ([("elbo", 1), ("dsin1", 3), ("dmu1", 1), ("tail_two", 0.5)], "madf0.5"),
+    "mean2_2048": (
+        [("elbo", 1), ("loc0_in2048", 3), ("loc0_mu2048", 1), ("tail_two", 0.5)],
+        "madf0.5",
+    ),
+    "mean2_8192": (
+        [("elbo", 1), ("loc0_in8192", 3), ("loc0_mu8192", 1), ("tail_two", 0.5)],
+        "madf0.5",
+    ),
+    "local_2048": (
+        [("elbo", 1), ("loc_in2048", 3), ("loc_mu2048", 1), ("tail_two", 0.5)],
+        "madf0.5",
+    ),
+    "local_8192": (
+        [("elbo", 1), ("loc_in8192", 3), ("loc_mu8192", 1), ("tail_two", 0.5)],
+        "madf0.5",
+    ),
 }
 
 

@@ -10,11 +10,8 @@ and between posterior means. Each term is put in the units of a score by the rat
 median absolute deviations on validation records, times its weight, so adding them keeps the
 score's scale and calibration works unchanged.
 
-Both distances are *local*: the mean distance to the NEAREST bank records, divided by a power of
-how far apart the bank records around them lie (their own mean distance to their NEAREST
-others). A step out of a sparse region of normal records (the tail of a wide cluster) says less
-than the same step out of a dense one, as LOF says; the small power keeps most of the plain
-distance, which carried most of the gain on the dev sets (bench/results/quality.md).
+Both distances are to the NEAREST (2) bank records, averaged: a record beside a lone stray
+training record is not "at distance 0" (bench/results/quality.md).
 """
 
 from __future__ import annotations
@@ -30,18 +27,14 @@ if TYPE_CHECKING:
     from training.model import ScoringGraph
 
 CANDIDATES = 8  # bank rows whose exact distance is taken (ranked by the fast, blurred one)
-# a local distance: the mean over this many nearest bank records (2 and 3 beat 1 and 5 on the
-# dev sets), divided by the bank's spacing there to this power (0.25 kept the plain distance's
-# gains and added some; 1, plain LOF, lost 0.015 of mean ROC-AUC), the spacing floored at this
-# share of its median on validation records (two duplicates are 0 apart: a ratio must not blow
-# up on them)
-NEAREST, DENSITY_POWER, SPACING_FLOOR = 2, 0.25, 0.1
-CHUNK = 1024  # bank rows per step when the bank measures its own spacing (memory: CHUNK x bank)
+# the distances are averaged over this many nearest bank records: 2 and 3 beat 1 and 5 on the
+# dev sets (bench/results/quality.md)
+NEAREST = 2
 
 
-def nearest(q: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
-    """Euclidean distances from each row of ``q`` to its ``k`` nearest rows of ``bank``, and
-    their indices, ``[N, k]`` each, nearest first.
+def nearest(q: Tensor, bank: Tensor, k: int) -> Tensor:
+    """Euclidean distances from each row of ``q`` to its ``k`` nearest rows of ``bank``,
+    ``[N, k]``, nearest first.
 
     The expanded square ranks the bank with one matrix product, but float32 cancellation
     blurs it (and would make a record's distance to itself sqrt(eps), not 0): so the exact
@@ -49,19 +42,13 @@ def nearest(q: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
     d2 = (bank * bank).sum(1).unsqueeze(0) - 2.0 * q @ bank.T
     idx = torch.topk(d2, min(CANDIDATES, bank.shape[0]), dim=1, largest=False).indices
     diff = q.unsqueeze(1) - bank[idx]  # [N, CANDIDATES, D]
-    best = torch.topk((diff * diff).sum(2), min(k, idx.shape[1]), dim=1, largest=False)
-    return torch.sqrt(best.values), torch.gather(idx, 1, best.indices)
+    d2_exact = (diff * diff).sum(2)
+    return torch.sqrt(torch.topk(d2_exact, min(k, idx.shape[1]), dim=1, largest=False).values)
 
 
-def spacing(bank: Tensor) -> Tensor:
-    """Each bank record's mean distance to its NEAREST other bank records, ``[B]``."""
-    if bank.shape[0] < 2:
-        return torch.zeros(bank.shape[0], dtype=bank.dtype)
-    out = [
-        nearest(bank[i : i + CHUNK], bank, NEAREST + 1)[0][:, 1:].mean(1)  # [:, 0]: itself
-        for i in range(0, bank.shape[0], CHUNK)
-    ]
-    return torch.cat(out)
+def near(q: Tensor, bank: Tensor) -> Tensor:
+    """Mean distance from each row of ``q`` to its NEAREST rows of ``bank``, ``[N]``."""
+    return nearest(q, bank, NEAREST).mean(1)
 
 
 # a term's spread is at least this share of its mean absolute deviation: where most records
@@ -76,53 +63,26 @@ def spread(x: Tensor) -> Tensor:
     return torch.maximum(torch.median(dev), SPREAD_FLOOR * dev.mean())
 
 
-class LocalDistance(nn.Module):
-    """``[N, D]`` -> ``[N]``: the mean distance to the NEAREST bank records over a power of the
-    bank's spacing around them (floored: see SPACING_FLOOR)."""
-
-    bank: Tensor
-    spacing: Tensor
-    floor: Tensor
-
-    def __init__(self, bank: Tensor) -> None:
-        super().__init__()
-        self.register_buffer("bank", bank)
-        self.register_buffer("spacing", spacing(bank))
-        self.register_buffer("floor", torch.tensor(1e-6))
-
-    def near(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean distance to the NEAREST bank records, and their mean spacing."""
-        dist, idx = nearest(q, self.bank, NEAREST)
-        return dist.mean(1), self.spacing[idx].mean(1)
-
-    def fit_floor(self, val: Tensor) -> None:
-        """The floor from validation records: SPACING_FLOOR of their typical spacing."""
-        typical = float(self.near(val)[1].median())
-        self.floor.fill_(max(SPACING_FLOOR * typical, 1e-6))
-
-    def forward(self, q: Tensor) -> Tensor:
-        dist, around = self.near(q)
-        return dist / torch.pow(around + self.floor, DENSITY_POWER)
-
-
 class NeighbourTerm(nn.Module):
     """``weight[i] @ (d_input, d_latent, tail)`` for score type ``i``, in that score's units."""
 
+    bank_in: Tensor
+    bank_mu: Tensor
     weight: Tensor
 
     def __init__(
         self, bank_in: Tensor, bank_mu: Tensor, n_scores: int, tail: MarginalTail | None
     ) -> None:
         super().__init__()
-        self.d_in = LocalDistance(bank_in)
-        self.d_mu = LocalDistance(bank_mu)
+        self.register_buffer("bank_in", bank_in)
+        self.register_buffer("bank_mu", bank_mu)
         self.tail = tail
         self.register_buffer("weight", torch.zeros(n_scores, 3 if tail is not None else 2))
 
     def parts(self, space: Tensor, mu: Tensor, n_num: int) -> Tensor:
-        """``[N, 2 or 3]``: the local distances in input space and between posterior means,
+        """``[N, 2 or 3]``: to the nearest bank records in input space and in latent space,
         and the marginal tail term of the ``n_num`` scaled numerics that lead ``space``."""
-        cols = [self.d_in(space), self.d_mu(mu)]
+        cols = [near(space, self.bank_in), near(mu, self.bank_mu)]
         if self.tail is not None:
             cols.append(self.tail(space[:, :n_num]))
         return torch.stack(cols, 1)
@@ -157,8 +117,6 @@ def attach(
         tail = MarginalTail(space[:, :n_num]) if strengths[2] > 0 and n_num else None
         term = NeighbourTerm(space, mu, 3, tail)
         elbo, recon, iwae, _, v_space, v_mu = graph.model_scores(*val)
-        term.d_in.fit_floor(v_space)
-        term.d_mu.fit_floor(v_mu)
         scores = torch.stack([elbo, recon, iwae], 1)
         term.fit_weights(scores, term.parts(v_space, v_mu, n_num), list(strengths))
     graph.neighbours = term

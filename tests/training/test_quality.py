@@ -24,7 +24,7 @@ def test_nearest_distances_are_exact_even_at_zero() -> None:
     bank = 300.0 + torch.randn(500, 40, generator=gen)  # large norms: cancellation territory
     q = torch.cat([bank[:5], bank[5:10] + 0.01, 300.0 + torch.randn(20, 40, generator=gen)])
     want = np.sqrt(((q[:, None, :] - bank[None]).double() ** 2).sum(-1)).min(1).values.numpy()
-    got = nearest(q, bank)[0][:, 0].double().numpy()
+    got = nearest(q, bank, 1)[:, 0].double().numpy()
     assert np.all(got[:5] == 0.0)  # a record seen in training is at distance 0, not sqrt(eps)
     assert np.allclose(got, want, rtol=1e-4, atol=1e-4)
 

@@ -17,7 +17,7 @@ from service.runtime import open_bundle
 from tests.conftest import fit_small, small_config
 from training import train as train_mod
 from training.data import prepare
-from training.neighbours import spread
+from training.neighbours import near, spread
 from training.tails import GRID, MarginalTail
 from training.train import _rows, _tensors, build_graph, fit, layout_of
 
@@ -66,9 +66,30 @@ def test_spread_of_mostly_tied_records_is_not_zero() -> None:
     assert spread(torch.tensor([1.0, 2.0, 3.0, 4.0])).item() == pytest.approx(1.0)  # the MAD
 
 
+def test_distance_sees_a_record_next_to_a_lone_training_record() -> None:
+    # one stray training record far from the rest: a record beside it is not typical (the
+    # nearest training record alone would call it as near as any)
+    gen = torch.Generator().manual_seed(1)
+    bank = torch.cat([torch.randn(500, 2, generator=gen), torch.tensor([[30.0, 30.0]])])
+    typical = near(torch.randn(200, 2, generator=gen), bank)
+    assert near(torch.tensor([[30.0, 30.0]]), bank)[0] > typical.max()
+
+
 def _gaussians(n: int, seed: int, d: int = 4) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     return pd.DataFrame(rng.normal(0, 1, (n, d)), columns=[f"c{j}" for j in range(d)])
+
+
+def test_bank_keeps_thousands_of_training_records() -> None:
+    # more records near a test record find its true neighbours (the dev sets gained most where
+    # the training data has more than the 2048 records the bank once kept)
+    df = _gaussians(3200, 7)
+    c = small_config(exclude=[], epochs=2)
+    prep = prepare(df, c)
+    inputs = encode_columns(prep.features, prep.columns).inputs
+    graph, _ = build_graph(layout_of(prep.features), inputs, prep.train_idx, prep.val_idx, c)
+    assert graph.neighbours is not None
+    assert graph.neighbours.bank_in.shape[0] == len(prep.train_idx) > 2048
 
 
 def test_input_distance_sees_how_far_out_an_extreme_value_is() -> None:
