@@ -10,6 +10,12 @@ body limit is refused by gRPC itself, the request timeout is the call's deadline
 metrics (route: the gRPC method). Outputs go back as ``raw_output_contents``, as Triton sends
 them; the values the model never saw are named in the response's
 ``parameters["unusual_values"]`` (a JSON string, as REST lists them).
+
+grpc.aio hands the loop one call per round trip of its completion queue, so calls sent together
+reach the micro-batcher a few loop turns apart: the batcher waits for them (service/microbatch.py,
+``FILL_SECONDS``) and scores their batch on its thread (``on_loop=False``: see
+``MicroBatcher.score``). The loop's own work per call (grpcio's, then reading, validating and
+answering the call) is what limits the calls per second: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -145,16 +151,9 @@ def observed(name: str, handler: Handler, timeout: float) -> Handler:
         finally:
             elapsed = time.perf_counter() - start
             metrics.request_done("POST", route, status, elapsed)
-            if log.isEnabledFor(logging.INFO):
-                log.info(
-                    "request",
-                    extra={
-                        "method": "POST",
-                        "route": route,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                    },
-                )
+            ms = round(elapsed * 1000, 3)
+            fields = {"method": "POST", "route": route, "status": status, "duration_ms": ms}
+            logs.info_line(log, "request", fields)  # REST's line, as cheaply
             logs.request_id.reset(token)
 
     return call

@@ -1,6 +1,7 @@
 """The V2 hot path in process (fast tier): what the parser works out once per model follows
 the model being served; small micro-batches are scored on the event loop, large ones on the
-batcher's own thread, and a model slow on a small batch holds the loop up once; a batch mixing
+batcher's own thread, and a model slow on a small batch holds the loop up once; requests that
+come back together but reach the batcher one by one (gRPC calls) share a batch; a batch mixing
 JSON lists and binary arrays scores each as alone."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service import microbatch
 from service.bundle import read_bundle
 from service.errors import BadRequest
 from service.microbatch import INLINE_RECORDS, INLINE_SECONDS, MicroBatcher
@@ -155,3 +157,57 @@ def test_a_model_slow_on_a_small_batch_holds_the_loop_up_once(bundle_dir: Path) 
 
     loop_thread = asyncio.run(run())
     assert threads == [loop_thread, "microbatch_0", "microbatch_0"]
+
+
+def _batch_sizes(scorer: Scorer) -> list[int]:
+    """The requests in each of ``scorer``'s batches, from now on."""
+    sizes: list[int] = []
+    score_many = scorer.score_many
+
+    def counting(requests: Any) -> Any:
+        sizes.append(len(requests))
+        return score_many(requests)
+
+    scorer.score_many = counting  # type: ignore[method-assign]
+    return sizes
+
+
+def test_requests_coming_back_one_by_one_share_a_batch(
+    bundle_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC calls reach the batcher one per round trip of grpcio's completion queue: the 6
+    calls of clients with one call in flight each come back a few loop turns apart, and are
+    still scored together, in one batch, as the 6 before them were; fewer than that are
+    scored once FILL_SECONDS is up."""
+    monkeypatch.setattr(microbatch, "FILL_SECONDS", 5.0)  # the test never waits it out ...
+    scorer = Scorer(bundle_dir)
+    scorer.warm_up()
+    sizes = _batch_sizes(scorer)
+    rows = records(generate_payments(6, seed=9))
+    calls = [{f.name: [r.get(f.name)] for f in scorer.manifest.features} for r in rows]
+
+    async def one_by_one(batcher: MicroBatcher) -> list[Any]:
+        waiting = []
+        for c in calls:
+            waiting.append(asyncio.ensure_future(batcher.score(scorer, c, 1, None, False)))
+            for _ in range(5):  # the loop turns between two calls' arrivals
+                await asyncio.sleep(0)
+        return list(await asyncio.gather(*waiting))
+
+    async def run() -> float:
+        batcher = MicroBatcher(256, 0)
+        batcher.start()
+        try:
+            await asyncio.gather(*(batcher.score(scorer, c, 1, None, False) for c in calls))
+            for _ in range(3):
+                await one_by_one(batcher)
+            monkeypatch.setattr(microbatch, "FILL_SECONDS", 0.05)  # ... but here
+            start = time.perf_counter()
+            await batcher.score(scorer, calls[0], 1, None, False)  # alone, after bursts
+            return time.perf_counter() - start
+        finally:
+            await batcher.stop()
+
+    lone = asyncio.run(run())
+    assert sizes == [6, 6, 6, 6, 1]
+    assert 0.05 <= lone < 5
