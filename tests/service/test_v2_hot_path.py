@@ -194,20 +194,23 @@ def test_requests_coming_back_one_by_one_share_a_batch(
                 await asyncio.sleep(0)
         return list(await asyncio.gather(*waiting))
 
-    async def run() -> float:
+    async def run() -> tuple[float, float]:
         batcher = MicroBatcher(256, 0)
         batcher.start()
         try:
             await asyncio.gather(*(batcher.score(scorer, c, 1, None, False) for c in calls))
+            start = time.perf_counter()
             for _ in range(3):
                 await one_by_one(batcher)
+            waves = time.perf_counter() - start
             monkeypatch.setattr(microbatch, "FILL_SECONDS", 0.05)  # ... but here
             start = time.perf_counter()
             await batcher.score(scorer, calls[0], 1, None, False)  # alone, after bursts
-            return time.perf_counter() - start
+            return waves, time.perf_counter() - start
         finally:
             await batcher.stop()
 
-    lone = asyncio.run(run())
+    waves, lone = asyncio.run(run())
     assert sizes == [6, 6, 6, 6, 1]
+    assert waves < 5  # the sixth call of each wave ended the wait
     assert 0.05 <= lone < 5
