@@ -1,8 +1,8 @@
 """The V2 hot path in process (fast tier): what the parser works out once per model follows
 the model being served; small micro-batches are scored on the event loop, large ones on the
 batcher's own thread, and a model slow on a small batch holds the loop up once; requests that
-come back together but reach the batcher one by one (gRPC calls) share a batch; a batch mixing
-JSON lists and binary arrays scores each as alone."""
+come back together but reach the batcher one by one (gRPC calls, a burst's straggler) share a
+batch; a batch mixing JSON lists and binary arrays scores each as alone."""
 
 from __future__ import annotations
 
@@ -214,3 +214,41 @@ def test_requests_coming_back_one_by_one_share_a_batch(
     assert sizes == [6, 6, 6, 6, 1]
     assert waves < 5  # the sixth call of each wave ended the wait
     assert 0.05 <= lone < 5
+
+
+def test_a_burst_with_a_straggler_is_one_batch_on_the_loop(bundle_dir: Path) -> None:
+    """REST requests from clients with one in flight each: when one of a burst comes a few loop
+    turns after the others, the burst is still one batch, scored on the loop, not the others
+    first and the straggler alone on the thread after them (the tail at c=8)."""
+    scorer = Scorer(bundle_dir)
+    scorer.warm_up()
+    threads: list[tuple[str, int]] = []
+    score_many = scorer.score_many
+
+    def recording(requests: Any) -> Any:
+        threads.append((threading.current_thread().name, len(requests)))
+        return score_many(requests)
+
+    scorer.score_many = recording  # type: ignore[method-assign]
+    rows = records(generate_payments(8, seed=10))
+    calls = [{f.name: [r.get(f.name)] for f in scorer.manifest.features} for r in rows]
+
+    async def straggler(batcher: MicroBatcher) -> Any:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return await batcher.score(scorer, calls[-1], 1, None)
+
+    async def run() -> str:
+        batcher = MicroBatcher(256, 0)
+        batcher.start()
+        try:
+            await asyncio.gather(*(batcher.score(scorer, c, 1, None) for c in calls))
+            await asyncio.gather(
+                *(batcher.score(scorer, c, 1, None) for c in calls[:-1]), straggler(batcher)
+            )
+        finally:
+            await batcher.stop()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(run())
+    assert threads == [(loop_thread, 8), (loop_thread, 8)]
