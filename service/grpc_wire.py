@@ -9,7 +9,10 @@ the part describing the tensors (request parameters, inputs, requested outputs),
 once per distinct part and kept (a client sends the same part call after call; only parts of
 up to 4 KiB, a few dozen of them), then each input's raw bytes. Anything else (typed
 ``contents``, another field order, a malformed message) is read through the protobuf message,
-as before; both ways give the same request.
+as before; both ways give the same request. A request read from its bytes whose inputs have
+no parameters of their own goes to the V2 parser as a REST request with binary tensors would
+(``Request.binary``), so its tensors are read array-wide by the same code, at less cost than
+as decoded arrays in a JSON request (``Request.json``), with the same values or errors.
 
 A response is a message prefix kept per (model, score type, threshold, outputs, records),
 then the parts that change per call appended as protobuf fields: the values the model never
