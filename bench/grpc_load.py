@@ -2,7 +2,7 @@
 of nghttp2: ``apt-get install -y nghttp2-client``), so gRPC is loaded as cheaply as wrk loads
 REST and the server under test keeps the cores.
 
-    python bench/grpc_load.py HOST:PORT REQUEST.bin [-c 64] [-d 5]
+    python bench/grpc_load.py HOST:PORT REQUEST.bin [-c 64] [-d 5] [--pid PID] [--metrics URL]
 
 A unary gRPC call is an HTTP/2 POST: h2load sends the serialized ``ModelInferRequest`` in its
 5-byte gRPC frame (no compression, 4-byte big-endian length) with ``content-type:
@@ -11,16 +11,23 @@ does for REST). h2load counts HTTP 200 as success, and a gRPC error is an HTTP 2
 status is in the trailers, with no message), so every load is checked: one call first with
 grpcio (it must succeed and answer a ``ModelInferResponse``), then the load's received
 message bytes must be exactly one such answer per call h2load counts; else the load fails.
+
+``--pid``: also the server's CPU per call by thread (its event loop, the micro-batcher's
+thread, grpcio's poller and event-engine threads: ``/proc/PID/task``); ``--metrics``: the
+server's ``/metrics`` URL, for its onnxruntime calls and records per call (micro-batches).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -91,19 +98,50 @@ def run(target: str, request: bytes, conns: int, seconds: float) -> tuple[float,
     return rps, p50 / 1000, p99 / 1000, ok
 
 
+def thread_cpu(pid: int) -> Counter[str]:
+    """CPU seconds of each thread of ``pid``, by name and id."""
+    out: Counter[str] = Counter()
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended
+            continue
+        out[f"{name} ({task.name})"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def batches(url: str) -> tuple[float, float]:
+    """(onnxruntime calls, records scored) so far, from the server's metrics."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    found = dict(re.findall(r"^vae_anomaly_batch_size_(count|sum) (\S+)$", text, re.M))
+    return float(found["count"]), float(found["sum"])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("target", help="host:port")
     p.add_argument("request", type=Path, help="a serialized ModelInferRequest")
     p.add_argument("-c", "--conns", type=int, default=64, help="connections, one call each")
     p.add_argument("-d", "--seconds", type=float, default=5)
+    p.add_argument("--pid", type=int, help="the server's process: its CPU per call, by thread")
+    p.add_argument("--metrics", help="the server's /metrics URL: records per onnxruntime call")
     a = p.parse_args()
+    cpu0 = thread_cpu(a.pid) if a.pid else Counter()
+    calls0 = batches(a.metrics) if a.metrics else (0.0, 0.0)
     try:
         rps, p50, p99, n = run(a.target, a.request.read_bytes(), a.conns, a.seconds)
     except grpc.RpcError as e:
         print(f"call failed: {e.code()}: {e.details()}", file=sys.stderr)
         return 1
     print(f"{n} calls, {rps:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    if a.metrics:
+        count, rows = (x - x0 for x, x0 in zip(batches(a.metrics), calls0, strict=True))
+        print(f"{count:,.0f} onnxruntime calls, {rows / max(count, 1):.1f} records each")
+    if a.pid:
+        for thread, seconds in sorted((thread_cpu(a.pid) - cpu0).items()):
+            print(f"  {thread:28} {seconds / n * 1e6:5.0f} us per call")
     return 0
 
 

@@ -10,6 +10,12 @@ body limit is refused by gRPC itself, the request timeout is the call's deadline
 metrics (route: the gRPC method). Outputs go back as ``raw_output_contents``, as Triton sends
 them; the values the model never saw are named in the response's
 ``parameters["unusual_values"]`` (a JSON string, as REST lists them).
+
+grpc.aio hands the loop one call per round trip of its completion queue, so calls sent together
+reach the micro-batcher a few loop turns apart: the batcher waits for them (service/microbatch.py,
+``FILL_SECONDS``) and scores their batch on its thread (``on_loop=False``: see
+``MicroBatcher.score``). The loop's own work per call (grpcio's, then reading, validating and
+answering the call) is what limits the calls per second: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -105,8 +111,9 @@ class InferenceService:
         self._check_key(context)
         req = grpc_wire.read(request)
         scorer = self._model(req.model_name, req.model_version)
-        body, size = req.json()
-        out, arrays = await v2.run_infer(self.state, scorer, self.settings, body, size)
+        fast = req.binary()
+        body, size, tail = fast if fast is not None else (*req.json(), None)
+        out, arrays = await v2.run_infer(self.state, scorer, self.settings, body, size, tail)
         return grpc_wire.response(out, arrays)
 
 
@@ -145,16 +152,9 @@ def observed(name: str, handler: Handler, timeout: float) -> Handler:
         finally:
             elapsed = time.perf_counter() - start
             metrics.request_done("POST", route, status, elapsed)
-            if log.isEnabledFor(logging.INFO):
-                log.info(
-                    "request",
-                    extra={
-                        "method": "POST",
-                        "route": route,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                    },
-                )
+            ms = round(elapsed * 1000, 3)
+            fields = {"method": "POST", "route": route, "status": status, "duration_ms": ms}
+            logs.info_line(log, "request", fields)  # REST's line, as cheaply
             logs.request_id.reset(token)
 
     return call

@@ -9,7 +9,10 @@ the part describing the tensors (request parameters, inputs, requested outputs),
 once per distinct part and kept (a client sends the same part call after call; only parts of
 up to 4 KiB, a few dozen of them), then each input's raw bytes. Anything else (typed
 ``contents``, another field order, a malformed message) is read through the protobuf message,
-as before; both ways give the same request.
+as before; both ways give the same request. A request read from its bytes whose inputs have
+no parameters of their own goes to the V2 parser as a REST request with binary tensors would
+(``Request.binary``), so its tensors are read array-wide by the same code, at less cost than
+as decoded arrays in a JSON request (``Request.json``), with the same values or errors.
 
 A response is a message prefix kept per (model, score type, threshold, outputs, records),
 then the parts that change per call appended as protobuf fields: the values the model never
@@ -127,6 +130,9 @@ class Layout:
 
     inputs: list[tuple[dict[str, Any], int]]  # (the input without data, its element count)
     extras: dict[str, Any]  # parameters and outputs, when given
+    # the inputs as binary tensors' headers (no data, no parameters of their own), or None
+    # when an input has parameters (see Request.binary)
+    binary: list[dict[str, Any]] | None
 
     @classmethod
     def read(cls, part: bytes) -> Layout:
@@ -136,7 +142,21 @@ class Layout:
             if t.HasField("contents"):
                 raise BadRequest(f"input {t.name!r}: both contents and raw_input_contents")
             inputs.append((_tensor(t, []), v2_binary.element_count(t.name, list(t.shape))))
-        return cls(inputs, _extras(req, {}))
+        heads = [{k: v for k, v in t.items() if k != "data"} for t, _ in inputs]
+        binary = None if any("parameters" in t for t in heads) else heads
+        return cls(inputs, _extras(req, {}), binary)
+
+    @staticmethod
+    def of(part: bytes) -> Layout:
+        """The layout of ``part``, read once and kept (unless it is big)."""
+        layout = _layouts.get(part)
+        if layout is None:
+            layout = Layout.read(part)  # a bad part raises: it is never kept
+            if len(part) <= KEPT_LAYOUT_BYTES:
+                if len(_layouts) >= CACHED:
+                    _layouts.clear()
+                _layouts[part] = layout
+        return layout
 
 
 _layouts: dict[bytes, Layout] = {}
@@ -158,13 +178,7 @@ class Request:
         """The JSON inference request it stands for, and the number of values in it."""
         if self.message is not None:
             return request_json(self.message)
-        layout = _layouts.get(self.layout)
-        if layout is None:
-            layout = Layout.read(self.layout)  # a bad part raises: it is never kept
-            if len(self.layout) <= KEPT_LAYOUT_BYTES:
-                if len(_layouts) >= CACHED:
-                    _layouts.clear()
-                _layouts[self.layout] = layout
+        layout = Layout.of(self.layout)
         if len(self.raw) != len(layout.inputs):
             raise BadRequest(f"{len(self.raw)} raw_input_contents for {len(layout.inputs)} inputs")
         inputs, size = [], 0
@@ -176,6 +190,26 @@ class Request:
         if self.id:
             body["id"] = self.id
         return body, size
+
+    def binary(self) -> tuple[dict[str, Any], int, tuple[bytes, int]] | None:
+        """The request as a REST one with binary tensors: (its JSON part, the number of values,
+        (its tensors' bytes, 0)), for the V2 parser's array-wide reading of binary tensors
+        (``v2_request.parse``'s ``tail``: cheaper than :meth:`json`'s arrays, and the same
+        values or errors); None unless read from its bytes with inputs that have no parameters
+        of their own, one raw contents each (then :meth:`json`)."""
+        if self.message is not None:
+            return None
+        layout = Layout.of(self.layout)
+        if layout.binary is None or len(self.raw) != len(layout.binary):
+            return None
+        inputs = [
+            t | {"parameters": {"binary_data_size": len(raw)}}
+            for t, raw in zip(layout.binary, self.raw, strict=True)
+        ]
+        body = {"inputs": inputs, **layout.extras}
+        if self.id:
+            body["id"] = self.id
+        return body, sum(count for _, count in layout.inputs), (b"".join(self.raw), 0)
 
 
 def _varint(msg: bytes, pos: int) -> tuple[int, int]:

@@ -260,10 +260,16 @@ def _parse_binary(raw: bytes, header: str, m: Manifest, settings: Settings) -> P
 
 
 async def run_infer(
-    state: State, scorer: Scorer, settings: Settings, body: Any, size: int
+    state: State,
+    scorer: Scorer,
+    settings: Settings,
+    body: Any,
+    size: int,
+    tail: tuple[bytes, int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Validate and score a gRPC inference request given as JSON (``size``: its values)."""
-    parsed = await offload(size, parse, body, scorer.manifest, settings)
+    """Validate and score a gRPC inference request given as JSON (``size``: its values;
+    ``tail``: its tensors' bytes, when they are binary tensors: see ``parse``)."""
+    parsed = await offload(size, parse, body, scorer.manifest, settings, tail)
     return await respond(state, scorer, parsed, on_loop=False)
 
 

@@ -3,6 +3,7 @@
     bash bench/peers/setup.sh                  # once: the peers' venvs, /work/peer-venvs
     python bench/peers/race.py [--bundle DIR] [--seconds 5] [--rounds 3] [--only ours,trivial]
         [--endpoints gRPC,native]  # only the endpoints whose labels contain one of these
+        [--baseline DIR]  # also ours from another source tree (e.g. `git archive main`)
 
 Starts every server side by side on 127.0.0.1, one process each, onnxruntime at 1 thread:
 ours (native ``/v1/score``, V2 JSON, V2 binary tensors, V2 gRPC; and native and gRPC again with
@@ -142,7 +143,7 @@ class Server:
     port: dict[str, int] | None = None
 
 
-def servers(bundle: Path, venvs: Path, tmp: Path) -> list[Server]:
+def servers(bundle: Path, venvs: Path, tmp: Path, baseline: Path | None) -> list[Server]:
     onnx = str(bundle / "model.onnx")
     mls = {on: mlserver_dir(tmp / f"mlserver-{on}", onnx, on) for on in ("on", "off")}
     kserve = [str(venvs / "kserve/bin/python"), str(HERE / "kserve_server.py")]
@@ -164,8 +165,12 @@ def servers(bundle: Path, venvs: Path, tmp: Path) -> list[Server]:
     # the micro-batcher's extra wait under load (VAE_ANOMALY_BATCH_MAX_WAIT_MS): gRPC calls
     # reach the event loop one at a time, so without it their batches stay small
     wait = {"VAE_ANOMALY_BATCH_MAX_WAIT_MS": "2"}
+    # the same command with ``service`` imported from another tree (PYTHONPATH comes before the
+    # editable install's finder): a change raced against the code before it, in one run
+    base = {"PYTHONPATH": str(baseline)} if baseline else None
     return [
         Server("ours", ours, ("http", "grpc")),
+        *([Server("ours baseline", ours, ("http", "grpc"), base)] if base else []),
         Server("ours batch wait 2 ms", ours, ("http", "grpc"), wait),
         Server("trivial", lambda p: [sys.executable, str(HERE.parent / "naive_service.py"),
                "trivial", str(bundle), str(p["http"])]),
@@ -251,11 +256,15 @@ def endpoints(bundle: Path, sizes: list[int]) -> list[Endpoint]:
         ):  # fmt: skip
             raw_body = value if isinstance(value, bytes) else json.dumps(value).encode()
             body.setdefault(name, {})[n] = (raw_body, headers)
-    eps = [
-        Endpoint("ours native /v1/score", "ours", "http", "/v1/score", body["native"]),
-        Endpoint("ours V2 JSON", "ours", "http", INFER.format(m.name), body["v2 json"]),
-        Endpoint("ours V2 binary", "ours", "http", INFER.format(m.name), body["v2 binary"]),
-        Endpoint("ours V2 gRPC", "ours", "grpc", "grpc", body["v2 grpc"]),
+    eps = []
+    for label, path, kind in (("native /v1/score", "/v1/score", "native"),
+                              ("V2 JSON", INFER.format(m.name), "v2 json"),
+                              ("V2 binary", INFER.format(m.name), "v2 binary"),
+                              ("V2 gRPC", "grpc", "v2 grpc")):  # fmt: skip
+        for server, tag in (("ours", ""), ("ours baseline", ", baseline")):  # side by side
+            how = "grpc" if kind == "v2 grpc" else "http"
+            eps.append(Endpoint(f"ours {label}{tag}", server, how, path, body[kind]))
+    eps += [
         Endpoint(
             "ours native, batch wait 2 ms",
             "ours batch wait 2 ms",
@@ -381,6 +390,12 @@ def main() -> int:
     p.add_argument("--endpoints", help="comma-separated parts of endpoint labels (default: all)")
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("--table", type=Path, help="only print a --json file as a Markdown table")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="a source tree holding service/ (e.g. `git archive main service | tar -x -C DIR`):"
+        " also race ours from it, as the server 'ours baseline'",
+    )
     a = p.parse_args()
     if a.table is not None:
         print(markdown(json.loads(a.table.read_text())))
@@ -393,7 +408,13 @@ def main() -> int:
     conns = [int(c) for c in a.conns.split(",")]
     sizes = [1, a.big] if a.big else [1]
     chosen = set(a.only.split(",")) if a.only else None
-    srvs = {s.name: s for s in servers(a.bundle, a.venvs, tmp) if not chosen or s.name in chosen}
+    if chosen and "ours" in chosen:
+        chosen.add("ours baseline")  # (there is one only with --baseline)
+    srvs = {
+        s.name: s
+        for s in servers(a.bundle, a.venvs, tmp, a.baseline)
+        if not chosen or s.name in chosen
+    }
     parts = a.endpoints.split(",") if a.endpoints else [""]
     eps = [e for e in endpoints(a.bundle, sizes) if e.server in srvs and
            any(part in e.label for part in parts)]  # fmt: skip

@@ -1,7 +1,8 @@
 """The V2 hot path in process (fast tier): what the parser works out once per model follows
 the model being served; small micro-batches are scored on the event loop, large ones on the
-batcher's own thread, and a model slow on a small batch holds the loop up once; a batch mixing
-JSON lists and binary arrays scores each as alone."""
+batcher's own thread, and a model slow on a small batch holds the loop up once; requests that
+come back together but reach the batcher one by one (gRPC calls, a burst's straggler) share a
+batch; a batch mixing JSON lists and binary arrays scores each as alone."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service import microbatch
 from service.bundle import read_bundle
 from service.errors import BadRequest
 from service.microbatch import INLINE_RECORDS, INLINE_SECONDS, MicroBatcher
@@ -155,3 +157,100 @@ def test_a_model_slow_on_a_small_batch_holds_the_loop_up_once(bundle_dir: Path) 
 
     loop_thread = asyncio.run(run())
     assert threads == [loop_thread, "microbatch_0", "microbatch_0"]
+
+
+def _batch_sizes(scorer: Scorer) -> list[int]:
+    """The requests in each of ``scorer``'s batches, from now on."""
+    sizes: list[int] = []
+    score_many = scorer.score_many
+
+    def counting(requests: Any) -> Any:
+        sizes.append(len(requests))
+        return score_many(requests)
+
+    scorer.score_many = counting  # type: ignore[method-assign]
+    return sizes
+
+
+def test_requests_coming_back_one_by_one_share_a_batch(
+    bundle_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC calls reach the batcher one per round trip of grpcio's completion queue: the 6
+    calls of clients with one call in flight each come back a few loop turns apart, and are
+    still scored together, in one batch, as the 6 before them were; fewer than that are
+    scored once FILL_SECONDS is up."""
+    monkeypatch.setattr(microbatch, "FILL_SECONDS", 5.0)  # the test never waits it out ...
+    scorer = Scorer(bundle_dir)
+    scorer.warm_up()
+    sizes = _batch_sizes(scorer)
+    rows = records(generate_payments(6, seed=9))
+    calls = [{f.name: [r.get(f.name)] for f in scorer.manifest.features} for r in rows]
+
+    async def one_by_one(batcher: MicroBatcher) -> list[Any]:
+        waiting = []
+        for c in calls:
+            waiting.append(asyncio.ensure_future(batcher.score(scorer, c, 1, None, False)))
+            for _ in range(5):  # the loop turns between two calls' arrivals
+                await asyncio.sleep(0)
+        return list(await asyncio.gather(*waiting))
+
+    async def run() -> tuple[float, float]:
+        batcher = MicroBatcher(256, 0)
+        batcher.start()
+        try:
+            await asyncio.gather(*(batcher.score(scorer, c, 1, None, False) for c in calls))
+            start = time.perf_counter()
+            for _ in range(3):
+                await one_by_one(batcher)
+            waves = time.perf_counter() - start
+            monkeypatch.setattr(microbatch, "FILL_SECONDS", 0.05)  # ... but here
+            start = time.perf_counter()
+            await batcher.score(scorer, calls[0], 1, None, False)  # alone, after bursts
+            return waves, time.perf_counter() - start
+        finally:
+            await batcher.stop()
+
+    waves, lone = asyncio.run(run())
+    assert sizes == [6, 6, 6, 6, 1]
+    assert waves < 5  # the sixth call of each wave ended the wait
+    assert 0.05 <= lone < 5
+
+
+def test_a_burst_with_a_straggler_is_one_batch_on_the_loop(bundle_dir: Path) -> None:
+    """REST requests from clients with one in flight each: when one of a burst comes a few loop
+    turns after the others, the burst is still one batch, scored on the loop, not the others
+    first and the straggler alone on the thread after them (the tail at c=8)."""
+    scorer = Scorer(bundle_dir)
+    scorer.warm_up()
+    threads: list[tuple[str, int]] = []
+    score_many = scorer.score_many
+
+    def recording(requests: Any) -> Any:
+        threads.append((threading.current_thread().name, len(requests)))
+        return score_many(requests)
+
+    rows = records(generate_payments(8, seed=10))
+    calls = [{f.name: [r.get(f.name)] for f in scorer.manifest.features} for r in rows]
+    for _ in range(3):  # a first call at a new batch size can take over INLINE_SECONDS
+        score_many([(c, None) for c in calls])
+    scorer.score_many = recording  # type: ignore[method-assign]
+
+    async def straggler(batcher: MicroBatcher) -> Any:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return await batcher.score(scorer, calls[-1], 1, None)
+
+    async def run() -> str:
+        batcher = MicroBatcher(256, 0)
+        batcher.start()
+        try:
+            await asyncio.gather(*(batcher.score(scorer, c, 1, None) for c in calls))
+            await asyncio.gather(
+                *(batcher.score(scorer, c, 1, None) for c in calls[:-1]), straggler(batcher)
+            )
+        finally:
+            await batcher.stop()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(run())
+    assert threads == [(loop_thread, 8), (loop_thread, 8)]
