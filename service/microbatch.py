@@ -35,9 +35,12 @@ from service.scoring import Scored, Scorer
 # call, and so do larger batches (bulk requests, at most max_batch records)
 INLINE_RECORDS = 64
 # ... as long as the model scores them quickly (~1 ms of CPU for 64 records here): a model
-# slower than this on a small batch has every later batch scored on the thread, so that a slow
-# model holds the event loop up once at most
+# slower than this on SLOW_STRIKES small batches in a row has every later batch scored on the
+# thread, so that a slow model holds the event loop up a few times at most (one slow batch is
+# not enough: onnxruntime's first run at a new batch size can take over 5 ms on a busy machine,
+# and one such run used to send a quick model to the thread for good)
 INLINE_SECONDS = 0.005
+SLOW_STRIKES = 3
 # the next batch waits, at most this long, until as many requests are pending as the largest of
 # the last RECENT batches held (see the module's docstring): with 64 gRPC calls in flight,
 # batches held 3-7 calls without it and 10-19 with it, and the server's CPU per call fell from
@@ -71,7 +74,8 @@ class MicroBatcher:
         # through anyio's worker pool (run_in_threadpool) costs about twice the CPU, and when
         # batches are small (gRPC calls come a few at a time) that was most of a request
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="microbatch")
-        self.slow: weakref.WeakSet[Scorer] = weakref.WeakSet()  # models never scored inline
+        # slow inline batches in a row per model (SLOW_STRIKES of them: never inline again)
+        self.strikes: weakref.WeakKeyDictionary[Scorer, int] = weakref.WeakKeyDictionary()
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run())
@@ -163,7 +167,8 @@ class MicroBatcher:
         """Score a batch on the event loop (small, of a model that has been quick) or on the
         batcher's thread."""
         scorer, requests = batch[0].scorer, [(i.columns, i.score_type) for i in batch]
-        on_loop = len(batch) > 1 and all(i.on_loop for i in batch) and scorer not in self.slow
+        quick = self.strikes.get(scorer, 0) < SLOW_STRIKES
+        on_loop = len(batch) > 1 and all(i.on_loop for i in batch) and quick
         if not on_loop or sum(i.n for i in batch) > INLINE_RECORDS:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.executor, metrics.scored, scorer, requests)
@@ -171,5 +176,5 @@ class MicroBatcher:
         try:
             return metrics.scored(scorer, requests)
         finally:
-            if time.thread_time() - start > INLINE_SECONDS:
-                self.slow.add(scorer)
+            slow = time.thread_time() - start > INLINE_SECONDS
+            self.strikes[scorer] = self.strikes.get(scorer, 0) + 1 if slow else 0

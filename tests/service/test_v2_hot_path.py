@@ -18,7 +18,7 @@ import pytest
 from service import microbatch
 from service.bundle import read_bundle
 from service.errors import BadRequest
-from service.microbatch import INLINE_RECORDS, INLINE_SECONDS, MicroBatcher
+from service.microbatch import INLINE_RECORDS, INLINE_SECONDS, SLOW_STRIKES, MicroBatcher
 from service.scoring import Scorer
 from service.settings import Settings
 from service.v2_request import parse as _parse
@@ -126,22 +126,27 @@ def test_a_batch_of_json_and_binary_requests_scores_each_as_alone(bundle_dir: Pa
     assert batch.results[0].score == pytest.approx(batch.results[1].score, rel=1e-6)
 
 
-def test_a_model_slow_on_a_small_batch_holds_the_loop_up_once(bundle_dir: Path) -> None:
-    """A small batch that takes the model more CPU than INLINE_SECONDS: that model's later
-    batches are scored on the batcher's thread."""
-    scorer = Scorer(bundle_dir)
-    scorer.warm_up()
+def _slowed(scorer: Scorer, slow_calls: set[int]) -> list[str]:
+    """The thread of each of ``scorer``'s calls from now on; the calls numbered in
+    ``slow_calls`` (from 0) burn 2 * INLINE_SECONDS of CPU first, as a slow graph would."""
     threads: list[str] = []
     score_many = scorer.score_many
 
-    def slow(requests: Any) -> Any:
+    def slowed(requests: Any) -> Any:
+        if len(threads) in slow_calls:
+            end = time.thread_time() + 2 * INLINE_SECONDS
+            while time.thread_time() < end:
+                pass
         threads.append(threading.current_thread().name)
-        end = time.thread_time() + 2 * INLINE_SECONDS
-        while time.thread_time() < end:  # CPU, as a slow graph burns it
-            pass
         return score_many(requests)
 
-    scorer.score_many = slow  # type: ignore[method-assign]
+    scorer.score_many = slowed  # type: ignore[method-assign]
+    return threads
+
+
+def _pairs(scorer: Scorer, batches: int) -> str:
+    """Score ``batches`` batches of two requests (a lone one goes to the thread); the name
+    of the event loop's thread."""
     rec = records(generate_payments(1, seed=8))[0]
     columns = {f.name: [rec.get(f.name)] for f in scorer.manifest.features}
 
@@ -149,14 +154,33 @@ def test_a_model_slow_on_a_small_batch_holds_the_loop_up_once(bundle_dir: Path) 
         batcher = MicroBatcher(256, 0)
         batcher.start()
         try:
-            for _ in range(3):  # batches of two requests (a lone one goes to the thread)
+            for _ in range(batches):
                 await asyncio.gather(*(batcher.score(scorer, columns, 1, None) for _ in "ab"))
         finally:
             await batcher.stop()
         return threading.current_thread().name
 
-    loop_thread = asyncio.run(run())
-    assert threads == [loop_thread, "microbatch_0", "microbatch_0"]
+    return asyncio.run(run())
+
+
+def test_a_model_slow_on_small_batches_holds_the_loop_up_a_few_times(bundle_dir: Path) -> None:
+    """A model that takes more CPU than INLINE_SECONDS on SLOW_STRIKES small batches in a row:
+    its later batches are scored on the batcher's thread."""
+    scorer = Scorer(bundle_dir)
+    scorer.warm_up()
+    threads = _slowed(scorer, set(range(100)))
+    loop = _pairs(scorer, SLOW_STRIKES + 2)
+    assert threads == [loop] * SLOW_STRIKES + ["microbatch_0"] * 2
+
+
+def test_one_slow_batch_does_not_send_a_quick_model_to_the_thread(bundle_dir: Path) -> None:
+    """onnxruntime's first run at a new batch size can be slow on a busy machine: one slow batch
+    between quick ones leaves the model's small batches on the loop."""
+    scorer = Scorer(bundle_dir)
+    scorer.warm_up()
+    threads = _slowed(scorer, {0, 2})
+    loop = _pairs(scorer, 5)
+    assert threads == [loop] * 5
 
 
 def _batch_sizes(scorer: Scorer) -> list[int]:
