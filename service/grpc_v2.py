@@ -111,8 +111,7 @@ class InferenceService:
         self._check_key(context)
         req = grpc_wire.read(request)
         scorer = self._model(req.model_name, req.model_version)
-        fast = req.binary()
-        body, size, tail = fast if fast is not None else (*req.json(), None)
+        body, size, tail = req.parts()
         out, arrays = await v2.run_infer(self.state, scorer, self.settings, body, size, tail)
         return grpc_wire.response(out, arrays)
 

@@ -49,6 +49,8 @@ CONTENTS = {  # datatype -> the InferTensorContents field holding it
 # ModelInferRequest's fields (all length-delimited), by their one-byte tags
 NAME, VERSION, ID, PARAMETERS, INPUTS, OUTPUTS, RAW = 0x0A, 0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A
 LAYOUT = (PARAMETERS, INPUTS, OUTPUTS)
+# ModelInferResponse's fields written per call: its id and its outputs' raw contents
+RESPONSE_ID, RESPONSE_RAW = 0x1A, 0x32
 CACHED = 64  # distinct request layouts / response prefixes kept (a few clients send a few each)
 KEPT_LAYOUT_BYTES = 4096  # a bigger tensors' part is read every time: the cache stays small
 
@@ -186,10 +188,7 @@ class Request:
             data = v2_binary.decode_tensor(t["name"], t["datatype"], raw, count)
             size += len(data)
             inputs.append(t | {"shape": list(t["shape"]), "data": data})
-        body = {"inputs": inputs, **layout.extras}
-        if self.id:
-            body["id"] = self.id
-        return body, size
+        return self._body(inputs, layout), size
 
     def binary(self) -> tuple[dict[str, Any], int, tuple[bytes, int]] | None:
         """The request as a REST one with binary tensors: (its JSON part, the number of values,
@@ -206,10 +205,20 @@ class Request:
             t | {"parameters": {"binary_data_size": len(raw)}}
             for t, raw in zip(layout.binary, self.raw, strict=True)
         ]
+        size = sum(count for _, count in layout.inputs)
+        return self._body(inputs, layout), size, (b"".join(self.raw), 0)
+
+    def parts(self) -> tuple[dict[str, Any], int, tuple[bytes, int] | None]:
+        """What the V2 parser takes: (the JSON request, the number of values, its binary
+        tensors' bytes or None), as binary tensors where :meth:`binary` can, else as JSON."""
+        fast = self.binary()
+        return fast if fast is not None else (*self.json(), None)
+
+    def _body(self, inputs: list[dict[str, Any]], layout: Layout) -> dict[str, Any]:
         body = {"inputs": inputs, **layout.extras}
         if self.id:
             body["id"] = self.id
-        return body, sum(count for _, count in layout.inputs), (b"".join(self.raw), 0)
+        return body
 
 
 def _varint(msg: bytes, pos: int) -> tuple[int, int]:
@@ -319,7 +328,7 @@ def response(out: dict[str, Any], arrays: dict[str, Any]) -> bytes:
         parts.append(resp.SerializeToString())
     rid = out.get("id")
     if rid:
-        parts.append(_field(0x1A, rid.encode()))
+        parts.append(_field(RESPONSE_ID, rid.encode()))
     for o in out["outputs"]:
-        parts.append(_field(0x32, v2_binary.encode(o["datatype"], arrays[o["name"]])))
+        parts.append(_field(RESPONSE_RAW, v2_binary.encode(o["datatype"], arrays[o["name"]])))
     return b"".join(parts)
