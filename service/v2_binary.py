@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from service import values
 from service.errors import BadRequest
 
 HEADER = b"inference-header-content-length"  # as ASGI gives header names
@@ -135,8 +136,8 @@ def split_request(body: bytes, header_length: str) -> tuple[Any, int]:
         )
     split = int(header_length)
     try:
-        return orjson.loads(memoryview(body)[:split]), split
-    except orjson.JSONDecodeError as e:
+        return values.json_loads(memoryview(body)[:split]), split
+    except ValueError as e:
         raise BadRequest(f"the JSON part of the request is not valid JSON: {e}") from None
 
 
@@ -178,7 +179,7 @@ def fast_columns(
     end = len(body)
     for t in inputs:
         name, shape, params = t.get("name"), t.get("shape"), t.get("parameters")
-        kind = kinds.get(name)  # type: ignore[arg-type]
+        kind = kinds.get(name) if type(name) is str else None  # (a list is unhashable)
         if kind is None or name in columns or "data" in t or type(params) is not dict:
             return None
         size = params.get("binary_data_size")

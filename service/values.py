@@ -19,14 +19,17 @@ unusual — a value the model has never seen — is decided for a whole batch at
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from service.bundle import (
     MISSING_INDEX,
@@ -80,12 +83,13 @@ def _number(v: Any, what: str) -> float | None:
             return None
         v = float(v)
     elif isinstance(v, bool | np.bool_) or not isinstance(
-        v, int | float | np.integer | np.floating
+        v,
+        int | float | np.integer | np.floating | Decimal,  # (Decimal: a Parquet decimal)
     ):
         raise Invalid("wrong_type", f"expected {what}, got {type(v).__name__}")
     try:
         fv = float(v)
-    except OverflowError:
+    except (OverflowError, ValueError):  # (ValueError: Decimal's signalling NaN)
         raise Invalid("not_finite", "too large for a number") from None
     if not math.isfinite(fv):
         raise Invalid("not_finite", "must be a finite number")
@@ -118,6 +122,8 @@ def _category_number(v: Any) -> str:
     """A number (or boolean) in a categorical column: its text, as training reads a cell."""
     if isinstance(v, bool | np.bool_):
         return str(bool(v))  # "True", "False"
+    if isinstance(v, Decimal):  # a Parquet decimal: as the float it stands for
+        v = _number(v, "a number")
     if isinstance(v, float):  # (numpy floats are floats)
         if not math.isfinite(v):
             raise Invalid("not_finite", "must be a finite number or a string")
@@ -127,6 +133,28 @@ def _category_number(v: Any) -> str:
             raise Invalid("not_finite", "too large for a number")
         return str(int(v))
     raise Invalid("wrong_type", f"expected a string, got {type(v).__name__}")
+
+
+def json_loads(data: bytes | memoryview) -> Any:
+    """JSON as every entry point reads it: by orjson, else (what orjson refuses: the
+    ``NaN``/``Infinity`` tokens, a number beyond a double, an integer of thousands of digits)
+    by the standard library, so that such a number is refused per field by :func:`parse`, not
+    taken for invalid JSON. A lone UTF-16 surrogate is invalid JSON: no string holding one can
+    be encoded again (in a reply, a log line, an output file). Raises ValueError."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        if "surrogate" in str(e):
+            raise
+        try:
+            return json.loads(bytes(data), parse_int=_json_int)
+        except (ValueError, RecursionError):
+            raise e from None
+
+
+def _json_int(text: str) -> int | float:
+    """A JSON integer; past Python's limit on digits (4,300), the float it rounds to (inf)."""
+    return int(text) if len(text) < 4000 else float(text)
 
 
 def is_boolean_value(v: Any) -> bool:
