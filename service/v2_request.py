@@ -273,10 +273,10 @@ def parse(
         raise BadRequest(f"parameter score_type must be one of {m.score_types}")
     columns: dict[str, Column] | None = None
     if tail is not None:
-        max_len = settings.max_string_length
-        columns = v2_binary.fast_columns(inputs, *tail, plan.kinds, max_len)
+        max_len, most = settings.max_string_length, settings.max_records
+        columns = v2_binary.fast_columns(inputs, *tail, plan.kinds, max_len, most)
         if columns is None or not columns.keys() >= plan.required:
-            v2_binary.decode_inputs(inputs, *tail)
+            v2_binary.decode_inputs(inputs, *tail, most)
             columns = None
     if columns is None:
         columns = _columns(inputs, plan, settings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import struct
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.bundle import read_bundle
+from service.errors import BadRequest
+from service.settings import Settings
+from service.v2_request import parse
 from tests.conftest import InProcess, in_process, records, v2_body
 from training.demo_data import generate_payments
 
@@ -195,3 +199,27 @@ def test_the_unchanged_request_scores_as_json_and_as_binary(
     content, headers = binary(base)
     r = client.post(url, content=content, headers=headers)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_binary_input_of_more_elements_than_records_is_refused_unread(
+    bundle_dir: Path, fast: bool
+) -> None:
+    """16 MB of empty BYTES elements are 4 million of them: refused before a list of 4 million
+    strings is made (seconds of work, tens of MB, for a request that cannot be scored)."""
+    m = read_bundle(bundle_dir).manifest
+    settings = Settings(bundle=bundle_dir)
+    n = 4_000_000
+    tail = struct.pack("<I", 0) * n
+    tensor = {"name": "country", "datatype": "BYTES", "shape": [n]}
+    params = {"binary_data_size": len(tail)} | ({} if fast else {"note": "x"})  # (not fast)
+    head = json.dumps({"inputs": [tensor | {"parameters": params}]}).encode()
+    request, raw = json.loads(head), head + tail
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadRequest, match=f"{n} elements; a request holds 1 to 10000"):
+            parse(request, m, settings, (raw, len(head)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000, peak
