@@ -1,7 +1,8 @@
 """Files and JSON that other real data holds (fast tier): a Parquet file with a column twice,
-Parquet decimals, integers of thousands of digits, ``NaN`` in a binary request's JSON part.
-Each is scored by the rules every entry point shares, or refused with a reason naming the
-column or the field; never a crash, a traceback or a half-written output file."""
+Parquet decimals, numbers beyond any float (``1e400``, integers of thousands of digits),
+``NaN`` in a binary request's JSON part. Each is scored by the rules every entry point shares
+(an extreme number flagged and named), or refused with a reason naming the column or the
+field; never a crash, a traceback or a half-written output file."""
 
 from __future__ import annotations
 
@@ -67,20 +68,31 @@ def test_parquet_decimals_are_numbers(
     pd.testing.assert_series_equal(decimals["score"], floats["score"])
 
 
-def test_an_integer_of_thousands_of_digits_is_named_not_called_invalid_json(
-    client: InProcess, bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.mark.parametrize("number", [HUGE, "-" + HUGE, "1e400", "-2.5E+999"])
+def test_a_number_beyond_any_float_is_scored_flagged_and_named(
+    client: InProcess, bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    number: str,
+) -> None:  # fmt: skip
+    """Valid JSON, and a number: far out of any range the model saw, not invalid JSON (400)
+    nor a refused value (422). ``Infinity`` is no number, and stays refused."""
     rec = records(generate_payments(1, seed=322))[0]
-    text = json.dumps({"records": [dict(rec, amount="HUGE")]}).replace('"HUGE"', HUGE)
+    text = json.dumps({"records": [dict(rec, amount="BIG")]}).replace('"BIG"', number)
     r = client.post("/v1/score", content=text, headers={"content-type": "application/json"})
-    assert r.status_code == 422, r.text[:300]
-    assert r.json()["errors"][0]["field"] == "amount", r.text[:300]
-    lines = json.dumps(dict(rec, amount="HUGE")).replace('"HUGE"', HUGE) + "\n"
+    assert r.status_code == 200, r.text[:300]
+    result = r.json()["results"][0]
+    assert result["is_anomaly"] and result["percentile"] == 100.0
+    assert [(u["field"], u["kind"]) for u in result["unusual_values"]] == [
+        ("amount", "out_of_range")
+    ]
+    lines = json.dumps(dict(rec, amount="BIG")).replace('"BIG"', number) + "\n"
+    lines += json.dumps(dict(rec, amount="BIG")).replace('"BIG"', "-Infinity") + "\n"
     (tmp_path / "in.jsonl").write_text(lines + json.dumps(rec) + "\n")
     said = _score(bundle_dir, tmp_path / "in.jsonl", tmp_path / "out.csv", capsys)
     assert said.startswith("0:"), said
-    errors = pd.read_csv(tmp_path / "out.csv")["error"].tolist()
-    assert errors[0].startswith("amount: ") and pd.isna(errors[1]), errors
+    out = pd.read_csv(tmp_path / "out.csv")
+    assert out["is_anomaly"].tolist()[0] and out["unusual"][0].startswith("amount="), out
+    assert out["error"].tolist()[1] == "amount: must be a finite number", out
+    assert pd.isna(out["error"][2])
 
 
 def test_nan_in_a_binary_requests_json_part_is_named_as_in_json(
