@@ -1,9 +1,10 @@
 """Other real data, end to end: scikit-learn's wine measurements made messy the way real
-tables are (a constant column, an id-like column, a date-time read in UTC, yes/no for a
-boolean, a category column under a non-ASCII name) are trained with the command line, served
-(REST and gRPC) and scored, in files too. An obviously extreme wine (every measurement fifty
-times its usual size, a region never seen, a date on the calendar's first day) is scored,
-flagged and named by every entry point; a messy file is scored row by row."""
+tables are (a constant column, a column missing in every record, an id-like column, a
+date-time read in UTC, yes/no for a boolean, a category column under a non-ASCII name) are
+trained with the command line, served (REST and gRPC) and scored, in files too. An obviously
+extreme wine (every measurement fifty times its usual size, a region never seen, a date on
+the calendar's first day) is scored, flagged and named by every entry point; a messy file is
+scored row by row."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def messy_wine() -> pd.DataFrame:
     seconds = rng.integers(0, 86_400 * 30, n)
     return df.assign(
         constant=7.0,
+        all_missing=np.nan,
         row_id=[f"w-{i:05d}-{rng.integers(10**9)}" for i in range(n)],
         when=[
             (pd.Timestamp("2024-03-01T00:00:00+02:00") + pd.Timedelta(s, "s")).isoformat()
@@ -59,6 +61,7 @@ def bundle(data: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path
                 "--epochs", "40", "--quiet")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "'constant' is constant" in r.stderr
+    assert "'all_missing' is missing in every record; dropped" in r.stderr  # refused before
     return out
 
 
@@ -80,7 +83,7 @@ def extreme(data: pd.DataFrame) -> dict[str, Any]:
     rec: dict[str, Any] = data.iloc[0].to_dict()
     numeric = [c for c in data.columns if pd.api.types.is_float_dtype(data[c])]
     rec.update({c: float(data[c].median() * 50) for c in numeric if c != "constant"})
-    return rec | {REGION: "Atlantis", "when": EDGE_DATE, "organic": "yes"}
+    return rec | {REGION: "Atlantis", "when": EDGE_DATE, "organic": "yes", "all_missing": None}
 
 
 def test_normal_wines_mostly_pass_and_the_extreme_one_is_flagged_and_named(
