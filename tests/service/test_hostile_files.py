@@ -15,10 +15,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 
 from service.bundle import read_bundle
-from service.cli import main
+from service.cli import build_parser, main
+from service.cpus import MAX_THREADS
 from tests.conftest import InProcess, in_process, records, v2_body
+from training.config import TrainConfig
 from training.demo_data import generate_payments
 
 HUGE = "9" * 5000  # an integer of 5,000 digits: valid JSON, beyond any float
@@ -110,3 +113,28 @@ def test_nan_in_a_binary_requests_json_part_is_named_as_in_json(
         r = client.post(url, content=head, headers=headers)
         assert r.status_code == 400, r.text
         assert "'amount'[0]" in r.json()["error"] and "finite" in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["score", "b", "d.csv", "--out", "o.csv", "--threads", "100000"],
+        ["drift", "b", "d.csv", "--threads", "100000"],
+    ],
+)
+def test_a_thread_count_past_any_machine_is_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """100,000 onnxruntime threads hung `score` (thread stacks until memory ran out)."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert f"--threads: must be at most {MAX_THREADS}, got 100000" in capsys.readouterr().err
+    assert build_parser().parse_args([*argv[:-1], str(MAX_THREADS)]).threads == MAX_THREADS
+
+
+def test_a_training_thread_count_past_any_machine_is_refused() -> None:
+    """100,000 torch threads crashed `train` (a thread's stack could not be mapped)."""
+    with pytest.raises(ValidationError, match="threads"):
+        TrainConfig(threads=100_000)
+    assert TrainConfig(threads=MAX_THREADS).threads == MAX_THREADS
