@@ -223,3 +223,12 @@ def test_a_binary_input_of_more_elements_than_records_is_refused_unread(
     finally:
         tracemalloc.stop()
     assert peak < 4_000_000, peak
+
+
+def test_a_long_model_name_or_version_is_not_echoed_whole(client: InProcess, base: Body) -> None:
+    for path in (
+        f"/v2/models/{'x' * 20_000}/infer",
+        f"/v2/models/payments/versions/{'9' * 20_000}/infer",
+    ):
+        r = client.post(path, json=base)
+        assert r.status_code == 404 and len(r.content) < 500, (r.status_code, len(r.content))
