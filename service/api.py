@@ -18,6 +18,7 @@ Needs the ``serve`` extra, plus pandas for ``score`` (the ``batch`` extra); neve
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,11 @@ def score_type_of(m: Manifest, score_type: str | None) -> str:
 
 def check_schema(m: Manifest, column_names: list[str]) -> None:
     """Raise SchemaError naming the required fields a table lacks (a nullable one that is
-    absent is scored as missing; a date-time field stands for the features derived from it)."""
+    absent is scored as missing; a date-time field stands for the features derived from it),
+    or the columns it holds twice (a Parquet file may: which one is the value is unclear)."""
+    twice = sorted(c for c, n in Counter(column_names).items() if n > 1)
+    if twice:
+        raise SchemaError(f"column(s) {twice[:10]} appear more than once; give each one name")
     fields = client_fields(m)
     required = [n for n, (_, nullable) in fields.items() if n not in column_names and not nullable]
     if required:

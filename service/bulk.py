@@ -12,7 +12,6 @@ scored and named in ``unusual``; a row holding a value that cannot be one of its
 from __future__ import annotations
 
 import glob
-import json
 import os
 import tempfile
 import time
@@ -21,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from service import values
 from service.api import OUTPUTS, Model, score_type_of
 from service.bundle import Bundle, Manifest, client_fields
 from service.cpus import usable_cpus
@@ -103,12 +102,9 @@ def read_chunks(path: Path, size: int) -> Iterator[tuple[pd.DataFrame, dict[int,
 
 def _jsonl_record(line: bytes) -> tuple[dict[str, Any], str | None]:
     try:
-        rec = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        try:
-            rec = json.loads(line)  # NaN, Infinity, integers beyond 64 bits
-        except (ValueError, RecursionError):
-            return {}, "not valid JSON"
+        rec = values.json_loads(line)
+    except ValueError:
+        return {}, "not valid JSON"
     if not isinstance(rec, dict):
         return {}, f"not a JSON object (a JSON {type(rec).__name__})"
     return rec, None

@@ -29,6 +29,7 @@ import uvicorn
 from pydantic import SecretStr
 
 from service import logs, models_cli
+from service.cpus import MAX_THREADS
 from service.errors import MissingExtra, VaeAnomalyError
 from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 
@@ -65,13 +66,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``low`` (else a usage error naming the flag)."""
+def at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low`` (and at most ``high``), else a usage
+    error naming the flag."""
 
     def integer(text: str) -> int:
         n = int(text)  # a ValueError: argparse says "invalid integer value"
         if n < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        if high is not None and n > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {n}")
         return n
 
     return integer
@@ -282,7 +286,7 @@ def _add_score(sub: Subparsers) -> None:
     b.add_argument("--chunk-size", type=at_least(1), default=100_000, help="records per chunk")
     b.add_argument(
         "--threads",
-        type=at_least(0),
+        type=at_least(0, MAX_THREADS),
         default=0,
         help="onnxruntime threads (0: the CPUs this process may use)",
     )
@@ -308,7 +312,10 @@ def _add_drift(sub: Subparsers) -> None:
     d.add_argument("--json", action="store_true", help="print the figures as JSON")
     d.add_argument("--chunk-size", type=at_least(1), default=100_000, help="records per chunk")
     d.add_argument(
-        "--threads", type=at_least(0), default=0, help="onnxruntime threads (0: all cores)"
+        "--threads",
+        type=at_least(0, MAX_THREADS),
+        default=0,
+        help="onnxruntime threads (0: all cores)",
     )
     d.set_defaults(func=cmd_drift, extra="batch")
 

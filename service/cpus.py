@@ -36,6 +36,10 @@ PROC_CGROUP = Path("/proc/self/cgroup")
 V1_MOUNTS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
 TRAINING_THREADS = 1  # torch threads when the config does not say; see above
 
+# the most threads a user may ask for (--threads, config threads): more than any machine we run
+# on has cores; past it is a typo (100000 made thread stacks exhaust memory: a hang, a crash)
+MAX_THREADS = 256
+
 
 def affinity_cpus() -> int:
     """CPUs in the affinity mask (all the host's where the platform has no mask)."""

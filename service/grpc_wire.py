@@ -9,10 +9,12 @@ the part describing the tensors (request parameters, inputs, requested outputs),
 once per distinct part and kept (a client sends the same part call after call; only parts of
 up to 4 KiB, a few dozen of them), then each input's raw bytes. Anything else (typed
 ``contents``, another field order, a malformed message) is read through the protobuf message,
-as before; both ways give the same request. A request read from its bytes whose inputs have
-no parameters of their own goes to the V2 parser as a REST request with binary tensors would
+as before; both ways give the same request. A request with one raw contents per input (in
+whatever field order) goes to the V2 parser as a REST request with binary tensors would
 (``Request.binary``), so its tensors are read array-wide by the same code, at less cost than
-as decoded arrays in a JSON request (``Request.json``), with the same values or errors.
+as decoded arrays in a JSON request (``Request.json``), with the same values or errors, and
+in the parser's time: off the event loop when big, a tensor of more elements than a request
+may hold records refused unread (16 MB of empty BYTES elements took the loop for seconds).
 
 A response is a message prefix kept per (model, score type, threshold, outputs, records),
 then the parts that change per call appended as protobuf fields: the values the model never
@@ -132,9 +134,9 @@ class Layout:
 
     inputs: list[tuple[dict[str, Any], int]]  # (the input without data, its element count)
     extras: dict[str, Any]  # parameters and outputs, when given
-    # the inputs as binary tensors' headers (no data, no parameters of their own), or None
-    # when an input has parameters (see Request.binary)
-    binary: list[dict[str, Any]] | None
+    # the inputs as binary tensors' headers: no data, their own parameters kept (see
+    # Request.binary)
+    binary: list[dict[str, Any]]
 
     @classmethod
     def read(cls, part: bytes) -> Layout:
@@ -145,8 +147,7 @@ class Layout:
                 raise BadRequest(f"input {t.name!r}: both contents and raw_input_contents")
             inputs.append((_tensor(t, []), v2_binary.element_count(t.name, list(t.shape))))
         heads = [{k: v for k, v in t.items() if k != "data"} for t, _ in inputs]
-        binary = None if any("parameters" in t for t in heads) else heads
-        return cls(inputs, _extras(req, {}), binary)
+        return cls(inputs, _extras(req, {}), heads)
 
     @staticmethod
     def of(part: bytes) -> Layout:
@@ -194,15 +195,16 @@ class Request:
         """The request as a REST one with binary tensors: (its JSON part, the number of values,
         (its tensors' bytes, 0)), for the V2 parser's array-wide reading of binary tensors
         (``v2_request.parse``'s ``tail``: cheaper than :meth:`json`'s arrays, and the same
-        values or errors); None unless read from its bytes with inputs that have no parameters
-        of their own, one raw contents each (then :meth:`json`)."""
+        values or errors; and its tensors are decoded off the event loop, each refused unread
+        when it holds more elements than a request may hold records); None unless read from
+        its bytes with one raw contents per input (then :meth:`json`)."""
         if self.message is not None:
             return None
         layout = Layout.of(self.layout)
-        if layout.binary is None or len(self.raw) != len(layout.binary):
+        if len(self.raw) != len(layout.binary):
             return None
         inputs = [
-            t | {"parameters": {"binary_data_size": len(raw)}}
+            t | {"parameters": {**t.get("parameters", {}), "binary_data_size": len(raw)}}
             for t, raw in zip(layout.binary, self.raw, strict=True)
         ]
         size = sum(count for _, count in layout.inputs)
@@ -245,6 +247,17 @@ def read(message: bytes) -> Request:
     if fast is not None:
         return fast
     req = decode(message)
+    raw, inputs = req.raw_input_contents, req.inputs
+    if raw and len(raw) == len(inputs) and not any(t.HasField("contents") for t in inputs):
+        # raw contents with the fields in another order: read as if in order (so decoded
+        # off the event loop, bounded: see Request.binary)
+        part = pb.ModelInferRequest()
+        part.CopyFrom(req)
+        for name in ("model_name", "model_version", "id", "raw_input_contents"):
+            part.ClearField(name)
+        views = [memoryview(r) for r in raw]
+        return Request(req.model_name, req.model_version, req.id, part.SerializeToString(),
+                       views, None)  # fmt: skip
     return Request(req.model_name, req.model_version, req.id, b"", [], req)
 
 

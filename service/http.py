@@ -3,7 +3,6 @@ responses."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
-from service import metrics
+from service import metrics, values
 from service.errors import (
     ClientClosed,
     InvalidJSON,
@@ -200,18 +199,12 @@ async def read_body(
 
 
 def parse_json(body: bytes) -> Any:
-    """``body`` as JSON, or InvalidJSON (400). Non-standard ``NaN``/``Infinity`` tokens parse
-    (to be refused per field with a clear reason); a lone UTF-16 surrogate does not (no string
-    holding one can be encoded again, in a reply, a log line or the model's input)."""
+    """``body`` as JSON (:func:`service.values.json_loads`: ``NaN`` and huge numbers parse, to
+    be refused per field with a clear reason), or InvalidJSON (400)."""
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        if "surrogate" in str(e):
-            raise InvalidJSON(f"request body is not valid JSON: {e}") from None
-        try:
-            return json.loads(body)  # accepts NaN / Infinity
-        except (ValueError, RecursionError):
-            raise InvalidJSON(f"request body is not valid JSON: {e}") from None
+        return values.json_loads(body)
+    except ValueError as e:
+        raise InvalidJSON(f"request body is not valid JSON: {e}") from None
 
 
 INLINE_BYTES = 64 * 1024  # bodies this small are parsed and validated on the event loop

@@ -76,9 +76,14 @@ def clock(v: Any, col: DateTimeColumn) -> tuple[float, float]:
             raise NotADateTime("not_finite", "must be a finite number")
         days = math.floor(secs / DAY)
         return secs - days * DAY, float((days + EPOCH_WEEKDAY) % 7)
+    secs = d.hour * 3600 + d.minute * 60 + d.second + d.microsecond / 1e6
     if col.timezone == "utc" and (offset := d.utcoffset()):
-        d = d - offset
-    return d.hour * 3600 + d.minute * 60 + d.second + d.microsecond / 1e6, float(d.weekday())
+        # shifted by hand: ``d - offset`` overflows on the first and last days a datetime
+        # holds (0001-01-01T00:30+01:00 is in year 0 in UTC), and the clock is all we need
+        secs -= offset.total_seconds()
+        days = math.floor(secs / DAY)
+        return secs - days * DAY, float((d.weekday() + days) % 7)
+    return secs, float(d.weekday())
 
 
 def derive(

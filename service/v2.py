@@ -88,10 +88,10 @@ class InferenceRequest(BaseModel):
 
 def check_model(scorer: Scorer, name: str, version: str | None) -> None:
     m = scorer.manifest
-    if name != m.name:
-        raise NotFound(f"unknown model {name!r}; this server serves {m.name!r}")
+    if name != m.name:  # (a name from the path is cut short: a 30 kB one is no model's)
+        raise NotFound(f"unknown model {name!r:.100}; this server serves {m.name!r}")
     if version is not None and version != m.version:
-        raise NotFound(f"model {name!r} has no version {version!r}; serving {m.version!r}")
+        raise NotFound(f"model {name!r} has no version {version!r:.100}; serving {m.version!r}")
 
 
 @router.get("", summary="Server metadata")

@@ -198,12 +198,14 @@ def _fast_column(
     data, shape = t.get("data"), t.get("shape")
     if type(data) is np.ndarray:
         return _array_column(f, t["datatype"], data, shape)
-    types = FAST_TYPES[f.kind].get(t.get("datatype"))  # type: ignore[arg-type]
+    dt = t.get("datatype")
+    types = FAST_TYPES[f.kind].get(dt) if type(dt) is str else None
     if (
         types is None
         or type(data) is not list
         or type(shape) is not list
         or len(shape) != 1
+        or type(shape[0]) is not int  # (1.0 and true equal 1, and are no dimension)
         or shape[0] != len(data)
         or not all([type(v) in types for v in data])
     ):
@@ -263,14 +265,18 @@ def parse(
         raise BadRequest("'parameters' must be an object")
     plan = _plan(m)
     score_type = params.get("score_type")
-    if score_type is not None and score_type not in plan.score_types:
+    # (a JSON value is checked for its type before it is looked up: a list or an object is
+    # unhashable, and would be a 500)
+    if score_type is not None and (
+        not isinstance(score_type, str) or score_type not in plan.score_types
+    ):
         raise BadRequest(f"parameter score_type must be one of {m.score_types}")
     columns: dict[str, Column] | None = None
     if tail is not None:
-        max_len = settings.max_string_length
-        columns = v2_binary.fast_columns(inputs, *tail, plan.kinds, max_len)
+        max_len, most = settings.max_string_length, settings.max_records
+        columns = v2_binary.fast_columns(inputs, *tail, plan.kinds, max_len, most)
         if columns is None or not columns.keys() >= plan.required:
-            v2_binary.decode_inputs(inputs, *tail)
+            v2_binary.decode_inputs(inputs, *tail, most)
             columns = None
     if columns is None:
         columns = _columns(inputs, plan, settings)
@@ -293,7 +299,9 @@ def _columns(inputs: list[dict[str, Any]], plan: _Plan, settings: Settings) -> d
     feats = plan.feats
     if settings.unknown_fields == "reject" and not by_name.keys() <= plan.known:
         unknown = sorted(by_name.keys() - plan.known)
-        raise BadRequest(f"unknown input(s) {unknown}; the model's inputs are {sorted(feats)}")
+        raise BadRequest(
+            f"unknown input(s) {_listed(unknown)}; the model's inputs are {sorted(feats)}"
+        )
     columns: dict[str, Column] = {}
     for fname, f in feats.items():
         if fname in by_name and isinstance(f, DateTimeColumn):
@@ -330,7 +338,17 @@ def _output_names(wanted: Any) -> list[str]:
     if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
         raise BadRequest("'outputs' must be a list of objects with a 'name'")
     names = [o.get("name") for o in wanted]
-    bad = [o for o in names if o not in OUTPUTS]
+    bad = [o for o in names if not isinstance(o, str) or o not in OUTPUTS]
     if bad:
-        raise BadRequest(f"unknown output(s) {bad}; available: {list(OUTPUTS)}")
+        raise BadRequest(f"unknown output(s) {_listed(bad)}; available: {list(OUTPUTS)}")
     return names
+
+
+LISTED = 10  # names an error message lists, at most: a hostile request can hold millions
+
+
+def _listed(items: list[Any]) -> str:
+    """The first few of ``items`` for an error message (each cut short), and how many more."""
+    shown = ", ".join(f"{v!r:.60}" for v in items[:LISTED])
+    more = f" and {len(items) - LISTED} more" if len(items) > LISTED else ""
+    return f"[{shown}]{more}"

@@ -6,6 +6,8 @@ unusual: the one set of rules for training, ``/v1/score``, V2 infer and ``vae-an
 
 - numeric: a number, or text that is a plain decimal number (``"42.5"``, ``"-1e3"``; a CSV cell
   is text). Not ``true``/``false``, not ``"100,000.00"`` or ``"$100"``, not NaN or infinity.
+  A number beyond a double (JSON's ``1e400``, an integer of 400 digits) is still a number, held
+  as the largest double of its sign: far out of any training range, scored and flagged.
 - boolean: ``true``/``false``; the words true/false, t/f, yes/no, y/n, on/off (lower, Title or
   UPPER case); a number (1 and 0 mean true and false; any other number is unusual).
 - categorical: text, or a number (written as its decimal text: ``7`` and ``7.0`` are ``"7"``;
@@ -19,14 +21,17 @@ unusual — a value the model has never seen — is decided for a whole batch at
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from service.bundle import (
     MISSING_INDEX,
@@ -80,13 +85,16 @@ def _number(v: Any, what: str) -> float | None:
             return None
         v = float(v)
     elif isinstance(v, bool | np.bool_) or not isinstance(
-        v, int | float | np.integer | np.floating
+        v,
+        int | float | np.integer | np.floating | Decimal,  # (Decimal: a Parquet decimal)
     ):
         raise Invalid("wrong_type", f"expected {what}, got {type(v).__name__}")
     try:
         fv = float(v)
-    except OverflowError:
-        raise Invalid("not_finite", "too large for a number") from None
+    except OverflowError:  # an integer beyond any float: as far out as a float goes
+        fv = FLOAT_MAX if v > 0 else -FLOAT_MAX
+    except ValueError:  # Decimal's signalling NaN
+        raise Invalid("not_finite", "must be a finite number") from None
     if not math.isfinite(fv):
         raise Invalid("not_finite", "must be a finite number")
     return fv
@@ -118,15 +126,48 @@ def _category_number(v: Any) -> str:
     """A number (or boolean) in a categorical column: its text, as training reads a cell."""
     if isinstance(v, bool | np.bool_):
         return str(bool(v))  # "True", "False"
+    if isinstance(v, Decimal):  # a Parquet decimal: as the float it stands for
+        v = _number(v, "a number")
     if isinstance(v, float):  # (numpy floats are floats)
         if not math.isfinite(v):
             raise Invalid("not_finite", "must be a finite number or a string")
         return str(int(v)) if v.is_integer() else str(float(v))
     if isinstance(v, int | np.integer):
-        if abs(int(v)) > FLOAT_MAX:  # a number at all, as in numeric columns
-            raise Invalid("not_finite", "too large for a number")
+        if abs(int(v)) > FLOAT_MAX:  # as far out as a float goes, as in numeric columns
+            return str(FLOAT_MAX if v > 0 else -FLOAT_MAX)
         return str(int(v))
     raise Invalid("wrong_type", f"expected a string, got {type(v).__name__}")
+
+
+def json_loads(data: bytes | memoryview) -> Any:
+    """JSON as every entry point reads it: by orjson, else (what orjson refuses: the
+    ``NaN``/``Infinity`` tokens, a number beyond a double, an integer of thousands of digits)
+    by the standard library, so that such a value reaches :func:`parse` (a number is scored and
+    flagged, however large; NaN and infinity are refused per field), not taken for invalid
+    JSON. A lone UTF-16 surrogate is invalid JSON: no string holding one can
+    be encoded again (in a reply, a log line, an output file). Raises ValueError."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        if "surrogate" in str(e):
+            raise
+        try:
+            return json.loads(bytes(data), parse_int=_json_int, parse_float=_json_float)
+        except (ValueError, RecursionError):
+            raise e from None
+
+
+def _json_float(text: str) -> float:
+    """A JSON number with a fraction or an exponent; beyond a double (``1e400``), as far out
+    as a double goes: a number all the same, to be scored and flagged (the ``Infinity`` token
+    is no number: it stays infinite, and is refused)."""
+    f = float(text)
+    return f if math.isfinite(f) else math.copysign(FLOAT_MAX, f)
+
+
+def _json_int(text: str) -> int | float:
+    """A JSON integer; past Python's limit on digits (4,300), as :func:`_json_float`."""
+    return int(text) if len(text) < 4000 else _json_float(text)
 
 
 def is_boolean_value(v: Any) -> bool:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
+from service.cpus import MAX_THREADS
 from service.errors import VaeAnomalyError
 
 ColumnType = Literal["numeric", "categorical", "boolean", "datetime"]
@@ -93,7 +94,7 @@ class TrainConfig(BaseModel):
     beta: Annotated[float, Field(ge=0)] = 1.0
     beta_warmup_epochs: int = 10
     seed: int = 0
-    threads: Annotated[int | None, Field(ge=1)] = None  # torch threads; None: service/cpus.py
+    threads: Annotated[int | None, Field(ge=1, le=MAX_THREADS)] = None  # None: service/cpus.py
     # scoring
     samples: Count = 16  # L posterior samples (fixed noise) per record in the exported graph
     default_score: Literal["elbo", "recon", "iwae"] = "elbo"

@@ -282,10 +282,9 @@ def _fit_column(
     Notes for the person training (dropped, rare values folded) are appended to ``notes``.
     """
     missing = np.array([v is None for v in values]) if kind == "categorical" else np.isnan(values)
-    if missing.all():
-        raise DataError(
-            f"column {name!r} is missing in every record; exclude it (--exclude {name})"
-        )
+    if missing.all():  # nothing to learn, as from a constant column: dropped, not refused
+        notes.append(f"column {name!r} is missing in every record; dropped")
+        return "missing in every record"
     tr, tr_missing = values[train_idx], missing[train_idx]
     if kind == "numeric":
         fitted = _fit_numeric(tr[~tr_missing].astype(float), cc)
