@@ -33,7 +33,9 @@ from starlette.datastructures import State
 from service import __version__, grpc_wire, logs, metrics, v2
 from service.auth import check_key
 from service.errors import NotReady, ServiceError
+from service.http import INLINE_BYTES
 from service.middleware import new_request_id
+from service.parser_process import ParserProcess
 from service.proto import predict_v2_pb2 as pb
 from service.scoring import Scorer
 from service.settings import Settings
@@ -109,10 +111,20 @@ class InferenceService:
     async def ModelInfer(self, request: bytes, context: Any) -> bytes:
         """Bytes in, bytes out (service/grpc_wire.py: no protobuf messages on the hot path)."""
         self._check_key(context)
-        req = grpc_wire.read(request)
-        scorer = self._model(req.model_name, req.model_version)
-        body, size, tail = req.parts()
-        out, arrays = await v2.run_infer(self.state, scorer, self.settings, body, size, tail)
+        most = self.settings.max_records
+        req = grpc_wire.scan(request)
+        if req is None and len(request) > INLINE_BYTES:
+            # protobuf must read it, holding the GIL throughout (typed contents: an object per
+            # element; 16 MB: ~0.15 s the loop would stand still), so the parser process does,
+            # as for big REST bodies
+            parser: ParserProcess = self.state.parser
+            name, version, parts = await parser.run(grpc_wire.read_parts, request, most)
+            scorer = self._model(name, version)
+        else:
+            req = req or grpc_wire.read(request)
+            scorer = self._model(req.model_name, req.model_version)
+            parts = req.parts(most)
+        out, arrays = await v2.run_infer(self.state, scorer, self.settings, *parts)
         return grpc_wire.response(out, arrays)
 
 

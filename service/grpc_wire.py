@@ -69,12 +69,13 @@ def _param(p: pb.InferParameter) -> Any:
     return None if which is None else getattr(p, which)
 
 
-def _typed(t: Any) -> list[Any]:
-    """An input tensor's elements from its typed ``contents``."""
+def _typed(t: Any, most: int) -> list[Any]:
+    """An input tensor's elements from its typed ``contents`` (at most ``most`` of them)."""
     field = CONTENTS.get(t.datatype)
     if field is None:  # FP16 has no typed field: raw contents only
         raise BadRequest(f"input {t.name!r}: datatype {t.datatype!r} needs raw_input_contents")
     values = getattr(t.contents, field)
+    v2_binary.at_most(t.name, len(values), most)
     if field != "bytes_contents":
         return list(values)
     try:
@@ -84,14 +85,8 @@ def _typed(t: Any) -> list[Any]:
 
 
 def _tensor(t: Any, data: Any) -> dict[str, Any]:
-    """An input tensor as JSON (``data``: its elements, a list or an array, or None for its
-    typed contents)."""
-    tensor = {
-        "name": t.name,
-        "datatype": t.datatype,
-        "shape": list(t.shape),
-        "data": _typed(t) if data is None else data,
-    }
+    """An input tensor as JSON (``data``: its elements, a list or an array)."""
+    tensor = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape), "data": data}
     if t.parameters:
         tensor["parameters"] = {k: _param(v) for k, v in t.parameters.items()}
     return tensor
@@ -106,20 +101,20 @@ def _extras(req: pb.ModelInferRequest, body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def request_json(req: pb.ModelInferRequest) -> tuple[dict[str, Any], int]:
+def request_json(req: pb.ModelInferRequest, most: int) -> tuple[dict[str, Any], int]:
     """The JSON inference request a gRPC one stands for, read through its message, and the
-    number of values in it."""
+    number of values in it (an input of more than ``most`` elements is refused unread)."""
     raw = req.raw_input_contents
     if raw and len(raw) != len(req.inputs):
         raise BadRequest(f"{len(raw)} raw_input_contents for {len(req.inputs)} inputs")
     inputs = []
     for i, t in enumerate(req.inputs):
         if not raw:
-            inputs.append(_tensor(t, None))
+            inputs.append(_tensor(t, _typed(t, most)))
             continue
         if t.HasField("contents"):
             raise BadRequest(f"input {t.name!r}: both contents and raw_input_contents")
-        count = v2_binary.element_count(t.name, list(t.shape))
+        count = v2_binary.at_most(t.name, v2_binary.element_count(t.name, list(t.shape)), most)
         inputs.append(_tensor(t, v2_binary.decode_tensor(t.name, t.datatype, raw[i], count)))
     body: dict[str, Any] = {"inputs": inputs}
     if req.id:
@@ -165,6 +160,11 @@ class Layout:
 _layouts: dict[bytes, Layout] = {}
 
 
+# what the V2 parser takes: (the JSON request, the number of values, its binary tensors' bytes
+# from an offset, or None)
+Parts = tuple[dict[str, Any], int, tuple[bytes, int] | None]
+
+
 @dataclass
 class Request:
     """A ModelInferRequest as read from its bytes: who it is for, then (:meth:`json`) what
@@ -177,15 +177,17 @@ class Request:
     raw: list[memoryview]
     message: pb.ModelInferRequest | None  # when read through protobuf instead
 
-    def json(self) -> tuple[dict[str, Any], int]:
-        """The JSON inference request it stands for, and the number of values in it."""
+    def json(self, most: int) -> tuple[dict[str, Any], int]:
+        """The JSON inference request it stands for, and the number of values in it (an
+        input of more than ``most`` elements is refused unread)."""
         if self.message is not None:
-            return request_json(self.message)
+            return request_json(self.message, most)
         layout = Layout.of(self.layout)
         if len(self.raw) != len(layout.inputs):
             raise BadRequest(f"{len(self.raw)} raw_input_contents for {len(layout.inputs)} inputs")
         inputs, size = [], 0
         for (t, count), raw in zip(layout.inputs, self.raw, strict=True):
+            v2_binary.at_most(t["name"], count, most)
             data = v2_binary.decode_tensor(t["name"], t["datatype"], raw, count)
             size += len(data)
             inputs.append(t | {"shape": list(t["shape"]), "data": data})
@@ -210,11 +212,12 @@ class Request:
         size = sum(count for _, count in layout.inputs)
         return self._body(inputs, layout), size, (b"".join(self.raw), 0)
 
-    def parts(self) -> tuple[dict[str, Any], int, tuple[bytes, int] | None]:
+    def parts(self, most: int) -> Parts:
         """What the V2 parser takes: (the JSON request, the number of values, its binary
-        tensors' bytes or None), as binary tensors where :meth:`binary` can, else as JSON."""
+        tensors' bytes or None), as binary tensors where :meth:`binary` can, else as JSON
+        (inputs of at most ``most`` elements)."""
         fast = self.binary()
-        return fast if fast is not None else (*self.json(), None)
+        return fast if fast is not None else (*self.json(most), None)
 
     def _body(self, inputs: list[dict[str, Any]], layout: Layout) -> dict[str, Any]:
         body = {"inputs": inputs, **layout.extras}
@@ -237,13 +240,25 @@ def _varint(msg: bytes, pos: int) -> tuple[int, int]:
             raise IndexError("varint too long")
 
 
-def read(message: bytes) -> Request:
-    """A serialized ModelInferRequest, read from its bytes when laid out as serializers write
-    it with raw contents, else through protobuf; a malformed one raises BadRequest."""
+def scan(message: bytes) -> Request | None:
+    """A serialized ModelInferRequest read from its bytes (tags and lengths only) when laid out
+    as serializers write it with raw contents, else None."""
     try:
-        fast = _scan(message)
+        return _scan(message)
     except (IndexError, UnicodeDecodeError):
-        fast = None  # malformed: protobuf says how
+        return None  # malformed: protobuf says how
+
+
+def read_parts(message: bytes, most: int) -> tuple[str, str, Parts]:
+    """(model name, model version, :meth:`Request.parts`) of a serialized ModelInferRequest."""
+    req = read(message)
+    return req.model_name, req.model_version, req.parts(most)
+
+
+def read(message: bytes) -> Request:
+    """A serialized ModelInferRequest (:func:`scan`, else read through protobuf); a malformed
+    one raises BadRequest."""
+    fast = scan(message)
     if fast is not None:
         return fast
     req = decode(message)

@@ -71,6 +71,15 @@ def element_count(name: str, shape: Any) -> int:
     return count
 
 
+def at_most(name: str, count: int, most: int) -> int:
+    """``count``, the elements of input ``name``, unless a request may not hold so many: an
+    input is refused by its count before its elements are read (16 MB of empty BYTES elements
+    are 4 million, seconds of work for a request that cannot be scored)."""
+    if count > most:
+        raise BadRequest(f"input {name!r}: {count} elements; a request holds 1 to {most} records")
+    return count
+
+
 def decode_tensor(
     name: str, datatype: Any, raw: bytes | memoryview, count: int
 ) -> np.ndarray | list[str]:
@@ -143,9 +152,8 @@ def split_request(body: bytes, header_length: str) -> tuple[Any, int]:
 
 def decode_inputs(inputs: list[dict[str, Any]], body: bytes, pos: int, most: int) -> None:
     """Give each binary input (``parameters.binary_data_size``) its ``data``, from the bytes
-    of ``body`` from ``pos`` on, in order; or raise BadRequest. An input of more than ``most``
-    elements (a request's records, at most) is refused before it is read: 16 MB of empty
-    BYTES elements are 4 million, seconds of work for a request that cannot be scored."""
+    of ``body`` from ``pos`` on, in order; or raise BadRequest (an input of more than ``most``
+    elements among them: :func:`at_most`)."""
     view, end = memoryview(body), len(body)
     for t in inputs:
         params = t.get("parameters")
@@ -160,11 +168,7 @@ def decode_inputs(inputs: list[dict[str, Any]], body: bytes, pos: int, most: int
             )
         if "data" in t:
             raise BadRequest(f"input {name!r}: has both 'data' and binary_data_size")
-        count = element_count(name, t.get("shape"))
-        if count > most:
-            raise BadRequest(
-                f"input {name!r}: {count} elements; a request holds 1 to {most} records"
-            )
+        count = at_most(name, element_count(name, t.get("shape")), most)
         t["data"] = decode_tensor(name, t.get("datatype"), view[pos : pos + size], count)
         pos += size
     if pos != end:

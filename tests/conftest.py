@@ -260,6 +260,34 @@ def run_server(
                 proc.wait()
 
 
+def healthz_seconds(server: Server) -> float:
+    """Wall time of one GET /healthz on a fresh connection, from connect to the last byte."""
+    host, port = server.url.removeprefix("http://").split(":")
+    start = time.perf_counter()
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    elapsed = time.perf_counter() - start
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    return elapsed
+
+
+def health_while(server: Server, call: Callable[[], Any]) -> tuple[Any, list[float]]:
+    """(what ``call`` returned, run in a thread; wall times of the /healthz calls polled
+    meanwhile): a server whose event loop stands still answers them late."""
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(call()))
+    t.start()
+    times = [healthz_seconds(server)]
+    while t.is_alive():
+        time.sleep(0.005)
+        times.append(healthz_seconds(server))
+    t.join()
+    return result[0], times
+
+
 # ---------------------------------------------------------------- the app in this process
 
 

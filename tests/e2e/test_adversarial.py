@@ -8,7 +8,6 @@ import gzip
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,15 @@ import httpx
 import pytest
 
 from service.bundle import read_bundle
-from tests.conftest import Server, cli_executable, records, run_server, v2_body
+from tests.conftest import (
+    Server,
+    cli_executable,
+    health_while,
+    healthz_seconds,
+    records,
+    run_server,
+    v2_body,
+)
 from training.demo_data import generate_payments
 
 KEY = "k-adversarial-0123456789"
@@ -118,19 +125,6 @@ def hostile() -> dict[str, bytes]:
     return hostile_bodies()
 
 
-def healthz_seconds(server: Server) -> float:
-    """Wall time of one GET /healthz on a fresh connection, from connect to the last byte."""
-    start = time.perf_counter()
-    with socket.create_connection(_addr(server), timeout=10) as s:
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        answer = b""
-        while chunk := s.recv(4096):
-            answer += chunk
-    elapsed = time.perf_counter() - start
-    assert answer.startswith(b"HTTP/1.1 200"), answer
-    return elapsed
-
-
 def tree_rss_mb(pid: int) -> float:
     """Resident memory of a process and all its descendants (the parser process), in MB."""
     total, todo = 0, [pid]
@@ -179,19 +173,6 @@ def test_memory_stays_flat_after_many_hostile_bodies(server: Server) -> None:
     assert max(seen) - before < 50, (before, seen)
 
 
-def health_while_handling(server: Server, path: str, body: bytes) -> tuple[int, list[float]]:
-    """(status of POST ``body``, wall times of the /healthz calls polled while it ran)."""
-    status: list[int] = []
-    t = threading.Thread(target=lambda: status.append(_post(server, path, body).status_code))
-    t.start()
-    times = [healthz_seconds(server)]
-    while t.is_alive():
-        time.sleep(0.005)
-        times.append(healthz_seconds(server))
-    t.join()
-    return status[0], times
-
-
 def test_health_answers_within_50_ms_while_any_body_is_handled(
     server: Server, bundle_dir: Path, hostile: dict[str, bytes]
 ) -> None:
@@ -215,7 +196,7 @@ def test_health_answers_within_50_ms_while_any_body_is_handled(
         # helper process); so each body gets up to three runs, and one must be clean.
         runs = []
         for _ in range(3):
-            status, polled = health_while_handling(server, path, body)
+            status, polled = health_while(server, lambda: _post(server, path, body).status_code)  # noqa: B023  (joined before the loop goes on)
             assert status in (200, 400, 422), (path, status)
             runs.append(polled)
             if max(polled) < 0.050:

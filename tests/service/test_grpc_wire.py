@@ -24,6 +24,8 @@ from service.settings import Settings
 from tests.conftest import records
 from training.demo_data import generate_payments
 
+MOST = Settings.model_fields["max_records"].default  # records a request may hold
+
 
 def request(rid: str = "", params: bool = False, outputs: bool = False) -> Any:
     """A request as tritonclient sends it: raw contents, one input of each kind."""
@@ -54,14 +56,14 @@ def plain(read: tuple[dict[str, Any], int]) -> tuple[dict[str, Any], int]:
 def slow(message: bytes) -> Any:
     """What the protobuf message says the request is (or the BadRequest it raises)."""
     try:
-        return plain(grpc_wire.request_json(grpc_wire.decode(message)))
+        return plain(grpc_wire.request_json(grpc_wire.decode(message), MOST))
     except BadRequest as e:
         return ("BadRequest", e.message)
 
 
 def fast(message: bytes) -> Any:
     try:
-        return plain(grpc_wire.read(message).json())
+        return plain(grpc_wire.read(message).json(MOST))
     except BadRequest as e:
         return ("BadRequest", e.message)
 
@@ -144,7 +146,7 @@ def test_hostile_requests_are_bad_requests_naming_the_input(change: str, says: s
     elif change == "truncated":
         message = message[:-3]
     with pytest.raises(BadRequest) as e:
-        grpc_wire.read(message).json()
+        grpc_wire.read(message).json(MOST)
     assert says in e.value.message
     assert slow(message)[0] == "BadRequest"  # protobuf's way refuses it too
 
@@ -259,7 +261,7 @@ def test_binary_form_parses_as_the_json_form(bundle_dir: Path, data: st.DataObje
     binary = message.binary()
     assert binary is not None  # the usual form
     try:
-        json_form: Any = message.json()
+        json_form: Any = message.json(MOST)
     except BadRequest as e:  # a tensor that cannot be decoded at all
         json_form = None
         assert parsed(manifest, binary) == ("BadRequest", e.message)

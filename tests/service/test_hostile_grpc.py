@@ -44,7 +44,7 @@ def test_a_costly_message_reaches_the_parser_as_binary_tensors_and_is_refused_un
     manifest = read_bundle(bundle_dir).manifest
     req = costly(manifest, parameter=layout == "an input parameter")
     message = req.SerializeToString() if layout == "an input parameter" else reordered(req)
-    body, size, tail = grpc_wire.read(message).parts()
+    body, size, tail = grpc_wire.read(message).parts(10_000)
     assert tail is not None, "decoded when read (on the event loop)"
     assert size == N  # what the service weighs to parse off the loop
     with pytest.raises(BadRequest, match=f"{N} elements; a request holds 1 to 10000 records"):
@@ -57,6 +57,6 @@ def test_an_input_parameter_is_kept_beside_the_binary_tensor(bundle_dir: Path) -
     t = req.inputs.add(name="country", datatype="BYTES", shape=[1])
     t.parameters["note"].string_param = "x"
     req.raw_input_contents.append(b"\x02\x00\x00\x00US")
-    body, size, tail = grpc_wire.read(req.SerializeToString()).parts()
+    body, size, tail = grpc_wire.read(req.SerializeToString()).parts(10_000)
     assert body["inputs"][0]["parameters"] == {"note": "x", "binary_data_size": 6}
     assert (size, tail) == (1, (req.raw_input_contents[0], 0))
