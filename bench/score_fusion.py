@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from quality import DEFAULT_DATA, cases, peers  # type: ignore[import-not-found]
+from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 BANK = 2048
@@ -198,8 +199,13 @@ def fuse(t, spec: list[tuple[str, float]], how: str) -> np.ndarray:
         zs = [w * fuse(t, [(name, 1.0)], "rank" if how == "pmax" else "mad") for name, w in spec]
         return np.max(zs, axis=0)
     total = 0.0
-    for name, w in spec:
+    for term, w in spec:
+        # "name~": the weight times the term's rank correlation with elbo on the validation
+        # records, none if negative (training/neighbours.py's tail term since round six)
+        name = term.rstrip("~")
         v, x = t[name]
+        if term.endswith("~"):
+            w = w * max(float(spearmanr(t["elbo"][0], v).correlation), 0.0)
         if how == "iqr":  # in elbo's units as now: ratio of IQRs (no centering matters for AUC)
             z = (x - np.median(v)) / max(iqr(v), 1e-12)
         elif how == "std":
@@ -246,6 +252,11 @@ VARIANTS: dict[str, tuple[list[tuple[str, float]], str]] = {
     ),
     "mean2_8192": (
         [("elbo", 1), ("loc0_in8192", 3), ("loc0_mu8192", 1), ("tail_two", 0.5)],
+        "madf0.5",
+    ),
+    # round six: the tail term weighed by its agreement with elbo (weight 2 at full agreement)
+    "mean2_8192_agree": (
+        [("elbo", 1), ("loc0_in8192", 3), ("loc0_mu8192", 1), ("tail_two~", 2)],
         "madf0.5",
     ),
     "local_2048": (

@@ -29,22 +29,47 @@ BATCH = 2048
 
 
 def parts(graph, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out: dict[str, list[np.ndarray]] = {"elbo": [], "recon": [], "iwae": [], "enc": [], "mu": []}
+    out: dict[str, list[np.ndarray]] = {
+        "elbo": [],
+        "recon": [],
+        "iwae": [],
+        "enc": [],
+        "mu": [],
+        "dec": [],
+    }
     n = len(next(iter(inputs.values())))
+    n_real, n_num = graph.pre.layout.n_real, graph.pre.layout.n_num
     with torch.no_grad():
         for i in range(0, n, BATCH):
             xn, xc = _tensors(_rows(inputs, slice(i, i + BATCH)))
             elbo, recon, iwae, _, enc, mu = graph.model_scores(xn, xc)
-            for k, v in zip(out, (elbo, recon, iwae, enc, mu), strict=True):
+            # the decoder's guess at the posterior mean: real means, then 0/1 probabilities
+            o = graph.vae.decoder(mu)
+            dec = torch.cat([o[:, :n_real], torch.sigmoid(o[:, 2 * n_real : n_real + n_num])], 1)
+            for k, v in zip(out, (elbo, recon, iwae, enc, mu, dec), strict=True):
                 out[k].append(v.numpy())
     return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
 
 
-def one(X, y, seed: int, extra: dict, cap: int | None) -> dict[str, np.ndarray]:
+def decoder_std(graph, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Each real feature's median decoder std (scaled units) at the posterior means of
+    ``inputs``: how closely the VAE predicts that feature."""
+    vae, n_real = graph.vae, graph.pre.layout.n_real
+    with torch.no_grad():
+        enc_in, _, _ = graph.pre(*_tensors(inputs))
+        out = vae.decoder(vae.encode(enc_in)[0])
+        raw = out[:, n_real : 2 * n_real]
+        lv = vae.lv_lo + torch.nn.functional.softplus(raw + vae.lv_c)
+    return torch.exp(0.5 * lv).median(0).values.numpy()
+
+
+def one(X, y, seed: int, extra: dict, cap: int | None, member: int = 0) -> dict[str, np.ndarray]:
     df, test_df, y_test = split(X, y, seed, cap)
     mult = {k: extra.pop(k) for k in ("latent_x", "hidden_x") if k in extra}
     cfg = TrainConfig(seed=seed, neighbour_weight=0, threads=1, **extra)
     prep = prepare(df, cfg)
+    if member:  # the same split, another init: a second member of an ensemble
+        cfg = cfg.model_copy(update={"seed": seed + member})
     layout = layout_of(prep.features)
     hidden, latent = model_sizes(layout, cfg)
     if "latent_x" in mult:  # a multiple of the default size
@@ -64,6 +89,8 @@ def one(X, y, seed: int, extra: dict, cap: int | None) -> dict[str, np.ndarray]:
         "epochs": np.array(len(hist.val_loss)),
         "fit_s": np.array(fit_s),
         "n_num": np.array(layout.n_num),
+        "n_real": np.array(layout.n_real),
+        "dec_std": decoder_std(graph, _rows(normal_in, prep.train_idx[:4096])),
     }
     for name, inputs in (
         ("train", _rows(normal_in, prep.train_idx)),
@@ -84,6 +111,7 @@ def main() -> int:
     p.add_argument("--set", nargs="+", default=[])
     p.add_argument("--tag", default="base")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--member", type=int, default=0, help="init seed offset, same split")
     a = p.parse_args()
     torch.set_num_threads(1)
     extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
@@ -95,7 +123,7 @@ def main() -> int:
             f = a.out / f"{name}__{a.tag}__{s}.npz"
             if f.exists():
                 continue
-            r = one(X, y, s, dict(extra), cap)
+            r = one(X, y, s, dict(extra), cap, a.member)
             np.savez(f, **r)
             print(
                 f"{name} seed {s} {a.tag}: {float(r['fit_s']):.1f}s val {float(r['val_loss']):.3f}",

@@ -63,6 +63,31 @@ def spread(x: Tensor) -> Tensor:
     return torch.maximum(torch.median(dev), SPREAD_FLOOR * dev.mean())
 
 
+def ranks(x: Tensor) -> Tensor:
+    """Each value's rank among ``x`` (0-based), tied values sharing their mean rank."""
+    x = x.contiguous()
+    srt = torch.sort(x).values
+    below = torch.searchsorted(srt, x, right=False)
+    up_to = torch.searchsorted(srt, x, right=True)
+    return (below + up_to - 1).to(x.dtype) / 2
+
+
+def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman's rho of ``a`` and ``b`` (0 if either is constant)."""
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    norm = torch.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return (ra * rb).sum() / norm if norm > 0 else torch.zeros((), dtype=a.dtype)
+
+
+# the tail term is weighed by how far it agrees with the score on the validation records
+# (Spearman's rho, none if it disagrees): where marginal rarity runs against the likelihood
+# on normal records (fault, satellite: rho <= 0.04) it ranks them by something the model
+# rightly finds normal, and only costs; where it agrees (0.25-0.9) it is worth more than a
+# fixed weight gives it (bench/results/quality.md, round six)
+TAIL = 2
+
+
 class NeighbourTerm(nn.Module):
     """``weight[i] @ (d_input, d_latent, tail)`` for score type ``i``, in that score's units."""
 
@@ -94,12 +119,17 @@ class NeighbourTerm(nn.Module):
     def fit_weights(self, scores: Tensor, parts: Tensor, strengths: list[float]) -> None:
         """Set the weights from validation records: ``scores [N, n_scores]`` (without the
         terms) and their ``parts``. Part j gets ``strengths[j]`` times the score's spread over
-        its own; a part with no spread (all records alike) gets none."""
+        its own (the tail, times its rank correlation with the score if positive); a part with
+        no spread (all records alike) gets none."""
         p_spread = torch.stack([spread(parts[:, j]) for j in range(parts.shape[1])])
         strength = torch.tensor(strengths[: parts.shape[1]], dtype=parts.dtype)
         for i in range(scores.shape[1]):
             ratio = spread(scores[:, i]) / torch.clamp(p_spread, min=1e-12)
-            self.weight[i] = torch.where(p_spread > 1e-12, strength * ratio, 0.0)
+            weight = torch.where(p_spread > 1e-12, strength * ratio, 0.0)
+            if parts.shape[1] > TAIL:
+                agree = rank_correlation(scores[:, i], parts[:, TAIL])
+                weight[TAIL] = weight[TAIL] * torch.clamp(agree, min=0.0)
+            self.weight[i] = weight
 
 
 def attach(

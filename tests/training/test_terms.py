@@ -17,7 +17,7 @@ from service.runtime import open_bundle
 from tests.conftest import fit_small, small_config
 from training import train as train_mod
 from training.data import prepare
-from training.neighbours import near, spread
+from training.neighbours import NeighbourTerm, near, rank_correlation, spread
 from training.tails import GRID, MarginalTail
 from training.train import _rows, _tensors, build_graph, fit, layout_of
 
@@ -64,6 +64,48 @@ def test_spread_of_mostly_tied_records_is_not_zero() -> None:
     x = torch.tensor([0.0] * 70 + [1.0, 2.0, 3.0] * 10)
     assert spread(x).item() > 0
     assert spread(torch.tensor([1.0, 2.0, 3.0, 4.0])).item() == pytest.approx(1.0)  # the MAD
+
+
+def test_rank_correlation_is_spearmans_rho_with_tied_values_sharing_a_rank() -> None:
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 4, 500).astype(np.float32)  # few values: most of them tied
+    b = (a + rng.normal(0, 2, 500)).round().astype(np.float32)
+    got = rank_correlation(torch.from_numpy(a), torch.from_numpy(b)).item()
+    assert got == pytest.approx(spearmanr(a, b).correlation, abs=1e-5)
+    assert rank_correlation(torch.ones(9), torch.arange(9.0)).item() == 0.0  # constant: none
+
+
+def _fitted_tail_weight(tail_part: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    bank = torch.zeros(4, 2)
+    term = NeighbourTerm(bank, bank, 1, MarginalTail(bank))
+    parts = torch.stack([torch.rand(len(score)), torch.rand(len(score)), tail_part], 1)
+    term.fit_weights(score.unsqueeze(1), parts, [1.0, 1.0, 2.0])
+    return term.weight[0]
+
+
+def test_tail_term_that_runs_against_the_score_gets_no_weight() -> None:
+    # marginal rarity that ranks normal records against the likelihood (image-like data: a
+    # pixel at its column's extreme is ordinary there) would only blur the score
+    torch.manual_seed(0)
+    score = torch.randn(400)
+    against = _fitted_tail_weight(-score + 0.5 * torch.randn(400), score)
+    assert against[2].item() == 0.0
+    assert against[0].item() > 0 and against[1].item() > 0  # the distances keep theirs
+
+
+def test_tail_term_weight_grows_with_its_agreement_with_the_score() -> None:
+    torch.manual_seed(0)
+    score, noise = torch.randn(400), torch.randn(400)
+    close, loose = score + 0.3 * noise, score + 3.0 * noise
+    w_close, w_loose = _fitted_tail_weight(close, score), _fitted_tail_weight(loose, score)
+    # per unit of the part's own spread: strength 2 x rho, rho near 1 for the close one
+    unit = 2.0 * (spread(score) / spread(close)).item()
+    assert w_close[2].item() == pytest.approx(
+        unit * rank_correlation(score, close).item(), rel=1e-5
+    )
+    assert 0 < (w_loose[2] * spread(loose)).item() < (w_close[2] * spread(close)).item()
 
 
 def test_distance_sees_a_record_next_to_a_lone_training_record() -> None:
