@@ -22,14 +22,7 @@ from tritonclient.grpc import service_pb2 as pb  # Triton's messages: a superset
 from tritonclient.utils import InferenceServerException
 
 from service.bundle import Manifest, read_bundle
-from tests.conftest import (
-    Server,
-    free_port,
-    metric_samples,
-    records,
-    run_server,
-    value,
-)
+from tests.conftest import Server, free_port, metric_samples, records, run_server, value
 from training.demo_data import generate_payments, make_anomalies
 
 KEY = "protocol-key"
