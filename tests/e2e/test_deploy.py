@@ -224,7 +224,11 @@ def test_prometheus_sees_what_was_sent(
             ]
         )
         assert flagged <= rate_a * 60 <= 1.5 * flagged
-        assert rate_a / rate_r == pytest.approx(flagged / total, rel=0.02)
+        samples = {  # said when the next line fails (it failed once in a full run, not since)
+            n: prometheus_query(prom, f"vae_anomaly_{n}_total[{window}]")
+            for n in ("anomalies", "records_scored")
+        }
+        assert rate_a / rate_r == pytest.approx(flagged / total, rel=0.02), samples
         # histogram quantiles: within the bucket that holds the true quantile
         buckets = sorted(
             float(x["metric"]["le"]) for x in prometheus_query(prom, "vae_anomaly_score_bucket")

@@ -212,4 +212,4 @@ def test_training_threads_are_chosen_unless_given(
     code, _, err = run_main(
         capsys, "train", str(data), "--out", str(tmp_path / "c"), *FAST, "--threads", "0"
     )
-    assert code == 2 and "threads must be >= 1" in err
+    assert code == 2 and "threads must be in [1, 256]" in err
