@@ -121,7 +121,7 @@ class InferenceService:
             name, version, parts = await parser.run(grpc_wire.read_parts, request, most)
             scorer = self._model(name, version)
         else:
-            req = req or grpc_wire.read(request)
+            req = req or grpc_wire.decoded(request)  # (scanned already)
             scorer = self._model(req.model_name, req.model_version)
             parts = req.parts(most)
         out, arrays = await v2.run_infer(self.state, scorer, self.settings, *parts)

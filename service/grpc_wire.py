@@ -256,11 +256,13 @@ def read_parts(message: bytes, most: int) -> tuple[str, str, Parts]:
 
 
 def read(message: bytes) -> Request:
-    """A serialized ModelInferRequest (:func:`scan`, else read through protobuf); a malformed
-    one raises BadRequest."""
-    fast = scan(message)
-    if fast is not None:
-        return fast
+    """A serialized ModelInferRequest (:func:`scan`, else :func:`decoded`)."""
+    return scan(message) or decoded(message)
+
+
+def decoded(message: bytes) -> Request:
+    """A serialized ModelInferRequest read through protobuf (one :func:`scan` cannot read); a
+    malformed one raises BadRequest."""
     req = decode(message)
     raw, inputs = req.raw_input_contents, req.inputs
     if raw and len(raw) == len(inputs) and not any(t.HasField("contents") for t in inputs):
